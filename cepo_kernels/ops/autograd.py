@@ -1,0 +1,93 @@
+"""The differentiable op: per-token log-probs (and entropy) of one hidden stream.
+
+One ``torch.autograd.Function`` serves both backends; ``params.backend`` says whose forward and
+backward run. Forward saves only (hidden, weight, bias, labels) and the per-token lse/entropy
+(O(N)); backward recomputes the logits tile by tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import torch_chunked
+from .stats import LogitStats
+
+
+@dataclass(frozen=True)
+class LogProbParams:
+    """Every non-tensor option of the op (CCE-style params object instead of a long .apply)."""
+
+    backend: str  # "torch" | "triton", already resolved
+    temperature: float = 1.0
+    ignore_index: int = -100
+    with_entropy: bool = False
+    chunk_tokens: int = torch_chunked.DEFAULT_CHUNK_TOKENS
+    chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
+
+
+def forward_stats(streams, weight, bias, labels, params: LogProbParams) -> LogitStats:
+    """One pass over W for S streams [N, D] (a list, or an [S, N, D] tensor)."""
+    if params.backend == "triton":
+        from . import triton_launch
+
+        return triton_launch.forward_stats(streams, weight, bias, labels,
+                                           temperature=params.temperature,
+                                           ignore_index=params.ignore_index,
+                                           with_entropy=params.with_entropy)
+    return torch_chunked.forward_stats(list(streams), weight, bias, labels,
+                                       temperature=params.temperature,
+                                       ignore_index=params.ignore_index,
+                                       with_entropy=params.with_entropy,
+                                       chunk_tokens=params.chunk_tokens,
+                                       chunk_vocab=params.chunk_vocab)
+
+
+class LinearLogProbsFunction(torch.autograd.Function):
+    """hidden [N, D], weight [V, D], bias [V] | None, labels [N] → (lp [N], entropy [N])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, params: LogProbParams):
+        stats = forward_stats([hidden], weight, bias, labels, params)
+        valid = labels != params.ignore_index
+        lp = stats.logprobs(valid)[0]
+        if stats.entropy is not None:
+            ent = torch.where(valid, stats.entropy[0], torch.zeros_like(stats.entropy[0]))
+        else:
+            ent = torch.zeros_like(lp)
+            ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse[0],
+                              None if stats.entropy is None else stats.entropy[0])
+        ctx.params = params
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        p: LogProbParams = ctx.params
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            bias is not None and ctx.needs_input_grad[2])
+        if grad_lp is None:
+            grad_lp = torch.zeros_like(lse)
+        # autograd may hand us strided views (e.g. after masking): make them contiguous (rule 5)
+        grad_lp = grad_lp.contiguous()
+        if grad_ent is not None and p.with_entropy:
+            grad_ent = grad_ent.contiguous()
+        else:
+            grad_ent = None
+        kwargs = dict(temperature=p.temperature, ignore_index=p.ignore_index, need_hidden=need_h,
+                      need_weight=need_w, need_bias=need_b)
+        if p.backend == "triton":
+            from . import triton_launch
+
+            dh, dw, db = triton_launch.backward(hidden, weight, bias, labels, lse, entropy,
+                                                grad_lp, grad_ent, **kwargs)
+        else:
+            dh, dw, db = torch_chunked.backward(hidden, weight, bias, labels, lse, entropy,
+                                                grad_lp, grad_ent, chunk_tokens=p.chunk_tokens,
+                                                chunk_vocab=p.chunk_vocab, **kwargs)
+        return (None if dh is None else dh.to(hidden.dtype),
+                None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype),
+                None, None)

@@ -1,0 +1,123 @@
+"""Input checks for the public API: every bad input is a ValueError/TypeError naming the argument.
+
+Shape, dtype and device checks are free and always run. Value checks (labels in range, finite
+hidden states) need one host sync each; they run when ``validate=True`` (the default) and can be
+switched off in a hot loop whose inputs are known to be good.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t, *, floating: bool = False, integer: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (token ids), got {t.dtype}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_weights_hparams(lam: float, eps_w: float) -> None:
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam!r}")
+    if not 0.0 <= float(eps_w) < 1.0:
+        raise ValueError(f"eps_w must lie in [0, 1), got {eps_w!r}")
+
+
+def check_linear_inputs(hidden, weight, labels, bias, *, hidden_name: str = "hidden") -> None:
+    """Shapes, dtypes and devices of one hidden stream against the lm_head and the labels."""
+    check_tensor(hidden_name, hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("labels", labels, integer=True)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, D), got shape {_shape(weight)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} has hidden size {hidden.shape[-1] if hidden.dim() else '?'} "
+            f"(shape {_shape(hidden)}) but weight is {_shape(weight)}: the last dim of "
+            f"{hidden_name} must equal weight.shape[1] = {weight.shape[1]}"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {_shape(labels)} must equal the leading shape of {hidden_name} "
+            f"{tuple(hidden.shape[:-1])} ({hidden_name} is {_shape(hidden)})"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {_shape(bias)}")
+    check_same_device(**{hidden_name: hidden, "weight": weight, "labels": labels, "bias": bias})
+
+
+def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must be in [0, V) or equal ignore_index (one host sync)."""
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {first} ({int(bad.sum())} bad entries)"
+        )
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """NaN/inf in hidden states would silently poison every log-prob of the row (one host sync)."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_streams(policy_hidden, pos_hidden, neg_hidden) -> int:
+    """Shapes of the three streams; returns K, the number of wrong-answer streams."""
+    for name, t in (("policy_hidden", policy_hidden), ("pos_hidden", pos_hidden),
+                    ("neg_hidden", neg_hidden)):
+        check_tensor(name, t, floating=True)
+    if pos_hidden.shape != policy_hidden.shape:
+        raise ValueError(
+            f"pos_hidden shape {_shape(pos_hidden)} must equal policy_hidden shape "
+            f"{_shape(policy_hidden)}"
+        )
+    if neg_hidden.shape == policy_hidden.shape:
+        return 1
+    if neg_hidden.dim() == policy_hidden.dim() + 1 and neg_hidden.shape[1:] == policy_hidden.shape:
+        if neg_hidden.shape[0] == 0:
+            raise ValueError("neg_hidden has K = 0 wrong-answer streams; K must be >= 1")
+        return neg_hidden.shape[0]
+    raise ValueError(
+        f"neg_hidden must be shaped like policy_hidden {_shape(policy_hidden)} or (K, *that), "
+        f"got {_shape(neg_hidden)}"
+    )
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{n}={t.dtype}" for n, t in zip(names, tensors))
+        raise TypeError(f"all hidden streams must share one dtype, got {listing}")
