@@ -32,7 +32,8 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def resolve_backend(requested: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> str:
     """Return the backend that will run for ``requested`` on ``device``, or raise why it cannot."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -49,7 +50,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             )
         chosen = "triton"
     else:
-        chosen = "triton" if (device.type == "cuda" and ok) else "torch"
+        # float64 is the oracle's dtype: the kernels do not take it, the torch backend does
+        chosen = "triton" if (device.type == "cuda" and ok and dtype != torch.float64) else "torch"
         if device.type == "cuda" and not ok:
             logger.warning("backend='auto' on %s runs the torch backend: %s", device, why)
     logger.debug("cepo_kernels backend: requested=%s device=%s -> %s", requested, device, chosen)

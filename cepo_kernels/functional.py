@@ -70,7 +70,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         chunk_tokens, chunk_vocab: tile sizes of the torch backend.
     """
     _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
-    chosen = resolve_backend(backend, hidden.device)
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype)
     lead = labels.shape
     if labels.numel() == 0:
         empty = hidden.sum(-1).float() * 0.0  # keeps the graph connected for an empty batch
@@ -153,7 +153,7 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
                  chunk_vocab) -> ContrastiveEvidence:
     streams, k, flat_labels = _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels,
                                        bias, temperature, ignore_index, validate)
-    chosen = resolve_backend(backend, policy_hidden.device)
+    chosen = resolve_backend(backend, policy_hidden.device, policy_hidden.dtype)
     lead = labels.shape
     valid = flat_labels != ignore_index
     adv = None

@@ -131,13 +131,21 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             if d_bias is not None:
                 d_bias[v0:v1] += dz.sum(0)
 
-    # the +1 at the label, added once per token in full precision
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    g_true = g * inv_temp
-    if d_hidden is not None:
-        d_hidden += g_true[:, None] * weight[safe].to(cdtype)
-    if d_weight is not None:
-        d_weight.index_add_(0, safe, g_true[:, None] * hidden.to(cdtype))
-    if d_bias is not None:
-        d_bias.index_add_(0, safe, g_true)
+    add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g * inv_temp, valid)
     return d_hidden, d_weight, d_bias
+
+
+def add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g_scaled, valid):
+    """The +g_t/τ at each label column, added once per token in the accumulators' precision.
+
+    Shared by both backends: their tile loops only produce the −p part of dz, so p_y − 1 is never
+    formed (or rounded) in the input dtype (KERNEL_ANCHORS rule 3).
+    """
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    g_scaled = torch.where(valid, g_scaled, torch.zeros_like(g_scaled))
+    if d_hidden is not None:
+        d_hidden += g_scaled[:, None] * weight[safe].to(d_hidden.dtype)
+    if d_weight is not None:
+        d_weight.index_add_(0, safe, g_scaled[:, None].to(d_weight.dtype) * hidden.to(d_weight.dtype))
+    if d_bias is not None:
+        d_bias.index_add_(0, safe, g_scaled.to(d_bias.dtype))

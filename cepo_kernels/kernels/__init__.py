@@ -1,0 +1,1 @@
+"""Pure ``@triton.jit`` kernels (importing this package needs triton). Host code: ``ops/``."""

@@ -1,0 +1,198 @@
+"""Host side of the Triton backend: launch configs, buffers, the three kernels.
+
+Imported lazily (only when backend="triton" runs), so ``cepo_kernels`` works without triton.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from ..backend import interpreting
+from ..kernels.backward import logit_grad_bwd_kernel
+from ..kernels.finalize import finalize_kernel
+from ..kernels.forward import logit_stats_fwd_kernel
+from .stats import LogitStats
+from .torch_chunked import add_label_term
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pow2(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Blocks, warps and vocab splits of the forward kernel.
+
+    On GPU: 128×128 logit tiles with 64-wide hidden chunks (bf16 tensor cores on Hopper), and the
+    vocabulary split so that row_blocks × splits fills every SM a few times over even for small
+    N. Under the interpreter: the largest blocks, because each program step costs milliseconds.
+    """
+    if interpreting():
+        return dict(BLOCK_R=_pow2(rows, 16, 64), BLOCK_V=_pow2(V, 16, 1024),
+                    BLOCK_D=_pow2(D, 16, 128), splits=1, num_warps=4, num_stages=1)
+    block_r, block_v, block_d = 128, 128, 64
+    if dtype == torch.float32:
+        block_d = 32
+    row_blocks = triton.cdiv(rows, block_r)
+    splits = max(1, min(triton.cdiv(4 * _num_sms(device), row_blocks), triton.cdiv(V, block_v)))
+    return dict(BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=block_d, splits=splits, num_warps=8,
+                num_stages=3)
+
+
+def backward_config(N: int, V: int, D: int, dtype: torch.dtype) -> dict:
+    """Blocks and warps of the backward kernel (one program per logit tile)."""
+    if interpreting():
+        return dict(BLOCK_N=_pow2(N, 16, 64), BLOCK_V=_pow2(V, 16, 1024),
+                    BLOCK_D=_pow2(D, 16, 128), num_warps=4, num_stages=1)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64 if dtype != torch.float32 else 32,
+                num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"backend='triton' supports float32/bfloat16/float16 hidden states, got "
+                         f"{t.dtype}; use backend='torch' for float64")
+
+
+def _stack(streams) -> torch.Tensor:
+    """[S, N, D]: a view when there is one stream, else one copy of the hidden states."""
+    if isinstance(streams, torch.Tensor):
+        return streams
+    return streams[0].unsqueeze(0) if len(streams) == 1 else torch.stack(list(streams))
+
+
+def _launch_forward(hs, weight, bias, labels32, temperature, with_entropy):
+    """Run the forward kernel; returns the [SPLITS, S·N] partials and the split count."""
+    S, N, D = hs.shape
+    V = weight.shape[0]
+    cfg = forward_config(S * N, V, D, hs.dtype, hs.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, cfg["splits"]), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(V, v_per_split)
+    part = torch.empty(4 if with_entropy else 3, splits, S * N, dtype=torch.float32,
+                       device=hs.device)
+    e_buf = part[3] if with_entropy else part[0]  # never written when WITH_ENTROPY is False
+    grid = (triton.cdiv(S * N, cfg["BLOCK_R"]) * splits,)
+    logit_stats_fwd_kernel[grid](
+        hs, weight, bias if bias is not None else weight, labels32,
+        part[0], part[1], part[2], e_buf,
+        S, N, V, D, v_per_split,
+        hs.stride(0), hs.stride(1), hs.stride(2), weight.stride(0), weight.stride(1),
+        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hs.dtype),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return part, splits, e_buf
+
+
+def _launch_finalize(part, e_buf, splits, labels32, S, N, ignore_index, with_entropy,
+                     contrastive=False, adv=None, valid=None, hparams=None):
+    dev = labels32.device
+    tgt = torch.empty(S, N, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(tgt)
+    ent = torch.empty_like(tgt) if with_entropy else tgt
+    lp3 = torch.empty(3, N, dtype=torch.float32, device=dev) if contrastive else tgt
+    with_adv = adv is not None
+    delta, w, a_hat = ((torch.empty(N, dtype=torch.float32, device=dev) for _ in range(3))
+                       if with_adv else (tgt, tgt, tgt))
+    block_n = _pow2(N, 16, 1024 if interpreting() else 256)
+    finalize_kernel[(triton.cdiv(N, block_n),)](
+        part[0], part[1], part[2], e_buf,
+        labels32, adv if with_adv else tgt, valid if with_adv else labels32,
+        hparams if with_adv else tgt,
+        tgt, lse, ent, lp3, delta, w, a_hat,
+        N, splits, ignore_index,
+        S=S, WITH_ENTROPY=with_entropy, CONTRASTIVE=contrastive, WITH_ADV=with_adv,
+        BLOCK_N=block_n,
+    )
+    stats = LogitStats(target=tgt, lse=lse, entropy=ent if with_entropy else None)
+    return stats, lp3, (delta, w, a_hat) if with_adv else (None, None, None)
+
+
+def _labels32(labels: torch.Tensor) -> torch.Tensor:
+    # int32 copy: fresh (16-byte aligned) memory, half the traffic, V < 2^31 always
+    return labels.to(torch.int32).contiguous()
+
+
+def forward_stats(streams: Sequence[torch.Tensor], weight, bias, labels, *, temperature: float,
+                  ignore_index: int, with_entropy: bool) -> LogitStats:
+    hs = _stack(streams)
+    _check_dtype(hs)
+    y = _labels32(labels)
+    part, splits, e_buf = _launch_forward(hs, weight, bias, y, temperature, with_entropy)
+    stats, _, _ = _launch_finalize(part, e_buf, splits, y, hs.shape[0], hs.shape[1], ignore_index,
+                                   with_entropy)
+    return stats
+
+
+def contrastive(streams, weight, bias, labels, *, num_neg: int, temperature: float,
+                ignore_index: int, advantages: Optional[torch.Tensor], valid: torch.Tensor,
+                lam: float, eps_w: float):
+    """(policy, pos, neg, Δ, w, Â) in one forward pass plus the fused epilogue."""
+    hs = _stack(streams)
+    _check_dtype(hs)
+    S, N, _ = hs.shape
+    assert S == 2 + num_neg
+    y = _labels32(labels)
+    part, splits, e_buf = _launch_forward(hs, weight, bias, y, temperature, False)
+    adv = valid8 = hparams = None
+    if advantages is not None:
+        adv = advantages.to(torch.float32).contiguous()
+        valid8 = valid.to(torch.int8).contiguous()
+        hparams = torch.tensor([lam, math.log1p(-eps_w), math.log1p(eps_w)], dtype=torch.float32,
+                               device=hs.device)
+    _, lp3, (delta, w, a_hat) = _launch_finalize(part, e_buf, splits, y, S, N, ignore_index, False,
+                                                 contrastive=True, adv=adv, valid=valid8,
+                                                 hparams=hparams)
+    return lp3[0], lp3[1], lp3[2], delta, w, a_hat
+
+
+def backward(hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, *, temperature: float,
+             ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """fp32 gradients (dH, dW, dB); the label term is added on the host in fp32."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    valid = labels != ignore_index
+    g = torch.where(valid, grad_lp.float(), torch.zeros((), device=dev)).contiguous()
+    with_ent = grad_ent is not None
+    ge = torch.where(valid, grad_ent.float(), torch.zeros((), device=dev)).contiguous() \
+        if with_ent else g
+    d_hidden = torch.zeros(N, D, dtype=torch.float32, device=dev)
+    d_weight = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_weight else d_hidden
+    # with a bias the kernel always sums dB (a [V] vector, cheap); it is dropped if not needed
+    d_bias = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else d_hidden
+    cfg = backward_config(N, V, D, hidden.dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+    logit_grad_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, _labels32(labels),
+        lse.float().contiguous(), g, ge, entropy.float().contiguous() if with_ent else g,
+        d_hidden, d_weight, d_bias,
+        N, V, D,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=with_ent,
+        COMPUTE_DW=need_weight, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    d_weight = d_weight if need_weight else None
+    d_bias = d_bias if need_bias else None
+    add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g / temperature, valid)
+    return (d_hidden if need_hidden else None), d_weight, d_bias
