@@ -3,12 +3,12 @@
 Grid (axis 0): row_blocks × vocab_blocks, row block fastest. Each program recomputes its logit
 tile z = (h·Wᵀ + b)·INV_TEMP [BLOCK_N, BLOCK_V] from the saved per-token lse, forms
 
-    dz_v = −g_t·p_v − g^H_t·p_v·(z_v − lse_t + H_t)        (p_v = exp(z_v − lse_t))
+    dz_v = g_t·(1[v = y_t] − p_v) − g^H_t·p_v·(z_v − lse_t + H_t)      (p_v = exp(z_v − lse_t))
 
-with the per-token upstream gradients folded in *before* any sum over tokens, then adds
+in fp32, with the per-token upstream gradients folded in *before* any sum over tokens, then adds
 dz·W/τ into dH and dzᵀ·h/τ into dW (fp32 accumulators, atomic adds over the other grid axis).
-The +g_t at the label column is NOT here: the host adds it once per token in fp32, so p_y − 1 is
-never rounded to the input dtype.
+1 − p_y is formed in fp32 before dz is cast to the input dtype for the tensor-core dot, so a
+peaked distribution keeps its small true-class gradient (Liger #1329 rounded p_y first).
 """
 
 import triton
@@ -59,14 +59,16 @@ def logit_grad_bwd_kernel(
     # 2. dz in fp32; padded rows have g = 0 and padded columns p = 0
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
+    y = tl.load(Y + rows, mask=row_ok, other=-1).to(tl.int64)
     p = tl.where(col_ok[None, :] & row_ok[:, None], tl.exp(z - lse[:, None]), 0.0)
-    coef = g[:, None]
+    onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+    dz = g[:, None] * (onehot - p)
     if WITH_ENTROPY:
         ge = tl.load(GE + rows, mask=row_ok, other=0.0)
         ent = tl.load(ENT + rows, mask=row_ok, other=0.0)
         z_safe = tl.where(col_ok[None, :], z, 0.0)
-        coef = coef + ge[:, None] * (z_safe - lse[:, None] + ent[:, None])
-    dz = -(p * coef) * INV_TEMP                                  # d/dz · dz/d(h·Wᵀ)
+        dz -= ge[:, None] * p * (z_safe - lse[:, None] + ent[:, None])
+    dz = dz * INV_TEMP                                           # dz/d(h·Wᵀ) = 1/τ
 
     if HAS_BIAS:
         tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_ok)

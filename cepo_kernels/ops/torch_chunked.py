@@ -5,9 +5,9 @@ memory is O(N) plus that tile, never N×V. Every tile of W is multiplied against
 same tokens at once (one matmul), so W is read once per token chunk for all streams.
 
 The label's logit is not gathered from the tiles: it is the indexed dot h_t·W[y_t] (+ b[y_t]),
-computed once in fp32. The backward uses the same split: the vocabulary-wide part −p_v is
-recomputed tile by tile, and the true-class part +1 is added once per token by index_add, in fp32
-(KERNEL_ANCHORS rule 3: p_y − 1 must not be rounded).
+computed once in fp32. In the backward the true-class term 1[v = y] − p_v is formed inside the fp32
+tile, so the near-cancellation 1 − p_y of a peaked distribution is exact to fp32 before anything is
+rounded (KERNEL_ANCHORS rule 3).
 """
 
 from __future__ import annotations
@@ -115,14 +115,17 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         h = h_raw * inv_temp
         lse_c = lse[n0:n1, None]
         g_c = g[n0:n1, None] * inv_temp
+        labels_c = labels[n0:n1]  # ignored tokens have g = 0, so their label column adds nothing
         for v0 in range(0, V, chunk_vocab):
             v1 = min(v0 + chunk_vocab, V)
             z = _tile_logits(h, weight, _scaled_bias(bias, v0, v1, inv_temp, cdtype), v0, v1, cdtype)
             p = torch.exp(z - lse_c)
-            dz = p * g_c  # the −p_v part, sign applied below
+            dz = p * g_c  # g·p_v; the sign and the label's +g are applied below
             if ge is not None:
                 dz += p * (z - lse_c + entropy[n0:n1, None]) * (ge[n0:n1, None] * inv_temp)
             dz = dz.neg_()
+            rows = torch.nonzero((labels_c >= v0) & (labels_c < v1)).squeeze(1)
+            dz[rows, labels_c[rows] - v0] += g_c[rows, 0]
             w = weight[v0:v1].to(cdtype)
             if d_hidden is not None:
                 d_hidden[n0:n1].addmm_(dz, w)
@@ -131,21 +134,4 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             if d_bias is not None:
                 d_bias[v0:v1] += dz.sum(0)
 
-    add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g * inv_temp, valid)
     return d_hidden, d_weight, d_bias
-
-
-def add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g_scaled, valid):
-    """The +g_t/τ at each label column, added once per token in the accumulators' precision.
-
-    Shared by both backends: their tile loops only produce the −p part of dz, so p_y − 1 is never
-    formed (or rounded) in the input dtype (KERNEL_ANCHORS rule 3).
-    """
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    g_scaled = torch.where(valid, g_scaled, torch.zeros_like(g_scaled))
-    if d_hidden is not None:
-        d_hidden += g_scaled[:, None] * weight[safe].to(d_hidden.dtype)
-    if d_weight is not None:
-        d_weight.index_add_(0, safe, g_scaled[:, None].to(d_weight.dtype) * hidden.to(d_weight.dtype))
-    if d_bias is not None:
-        d_bias.index_add_(0, safe, g_scaled.to(d_bias.dtype))

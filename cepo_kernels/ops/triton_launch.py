@@ -16,7 +16,6 @@ from ..kernels.backward import logit_grad_bwd_kernel
 from ..kernels.finalize import finalize_kernel
 from ..kernels.forward import logit_stats_fwd_kernel
 from .stats import LogitStats
-from .torch_chunked import add_label_term
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -166,7 +165,7 @@ def contrastive(streams, weight, bias, labels, *, num_neg: int, temperature: flo
 
 def backward(hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, *, temperature: float,
              ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool):
-    """fp32 gradients (dH, dW, dB); the label term is added on the host in fp32."""
+    """fp32 gradients (dH, dW, dB) of Σ g·lp (+ Σ g^H·H)."""
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -194,5 +193,4 @@ def backward(hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, *, t
     )
     d_weight = d_weight if need_weight else None
     d_bias = d_bias if need_bias else None
-    add_label_term(d_hidden, d_weight, d_bias, hidden, weight, labels, g / temperature, valid)
     return (d_hidden if need_hidden else None), d_weight, d_bias
