@@ -1,0 +1,51 @@
+"""The torch backend never creates an N×V tensor, forward or backward.
+
+Every op's outputs are recorded with a TorchDispatchMode at a size where N×V would dwarf every
+legitimate buffer (the weight gradient is V×D, the tiles S·chunk_tokens×chunk_vocab).
+"""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from cepo_kernels import contrastive_evidence, fused_linear_logprobs
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+N, D, V = 4096, 8, 65_536          # N×V = 268M elements (1 GiB fp32) if it ever existed
+CT, CV = 256, 2048                 # tile: 3 streams × 256 tokens × 2048 columns = 1.5M
+
+
+def test_forward_backward_never_materialise_logits():
+    h = torch.randn(N, D, requires_grad=True)
+    w = (torch.randn(V, D) * 0.1).requires_grad_()
+    y = torch.randint(0, V, (N,))
+    with LargestTensor() as rec:
+        out = fused_linear_logprobs(h, w, y, return_entropy=True, backend="torch",
+                                    chunk_tokens=CT, chunk_vocab=CV)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert rec.largest <= max(V * D, CT * CV), f"{rec.op} made {rec.largest} elements"
+    assert rec.largest < N * V / 100
+
+
+def test_contrastive_three_streams_never_materialise_logits():
+    hs = [torch.randn(N, D) for _ in range(3)]
+    w = torch.randn(V, D) * 0.1
+    y = torch.randint(0, V, (N,))
+    with LargestTensor() as rec:
+        contrastive_evidence(*hs, w, y, torch.randn(N), lam=0.5, eps_w=0.2, backend="torch",
+                             chunk_tokens=CT, chunk_vocab=CV)
+    assert rec.largest <= 3 * CT * CV, f"{rec.op} made {rec.largest} elements"
