@@ -1,0 +1,368 @@
+"""CEPO for TRL: `CEPOGRPOTrainer`, a `trl.GRPOTrainer` that hands TRL per-token advantages Â.
+
+Switching from GRPO takes two lines::
+
+    from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer
+    trainer = CEPOGRPOTrainer(model, reward_funcs=..., args=CEPOConfig(...), train_dataset=ds)
+
+After TRL has generated and scored a generation batch (`_generate_and_score_completions`), the
+trainer, for every group of ``num_generations`` rollouts (gathered across processes when a group
+spans them):
+
+1. grades each completion's last ``\\boxed{}`` against the dataset's answer column with
+   `cepo.grading.Grader`, independently of the user's reward functions (SPEC §5: rejected =
+   accuracy 0); r- is the wrong answer of the lowest-reward rejected rollout (TRL's weighted
+   reward sum), or the group's most frequent one;
+2. builds the teacher rows ``prompt + hint(r±) + completion`` (`trl_teachers`);
+3. runs the backbone for the student and the teachers (no grad, eval mode) and calls
+   `cepo_kernels.contrastive_evidence` on the hidden states and the lm_head weight, which returns
+   Â per token (SPEC §2);
+4. replaces TRL's ``advantages`` [B] with Â [B, T]. TRL's `_compute_loss` takes (B, T)
+   advantages as they are, so every loss type, vLLM, PEFT and logging keep working.
+
+λ follows SPEC §4 with one step = one generation batch, derived from ``state.global_step``
+(`trl_config.generation_index`), so it survives checkpoint/resume. While λ = 0 (after
+``cepo_lambda_warmup`` generations, or λ0 = 0) nothing extra runs: TRL's GRPO advantages pass
+through. Evaluation batches keep GRPO advantages (CEPO shapes training credit only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import gather, gather_object
+from packaging.version import Version
+
+import trl
+from trl import GRPOTrainer
+
+from cepo.batch import collate
+from cepo.grading import Grader, extract_boxed
+from cepo.models import output_head
+from cepo.teachers import select_wrong_answers
+from cepo_kernels import contrastive_evidence
+
+from .trl_config import CEPOConfig, cepo_lambda, generation_index
+from .trl_teachers import (answer_text, backbone_hidden, check_vision_keys, completion_text,
+                           hint_ids, row_prefixes)
+
+__all__ = ["CEPOBatch", "CEPOConfig", "CEPOGRPOTrainer"]
+
+MIN_TRL = Version("1.16.0")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CEPOBatch:
+    """What the last training generation batch did (this process's rows), kept for inspection."""
+
+    generation: int  # k, the SPEC §4 step
+    lam: float  # λ_k
+    grpo_advantages: torch.Tensor  # [B] TRL's advantages
+    advantages: torch.Tensor  # [B, T] Â handed to TRL's loss (0 at padding)
+    mask: torch.Tensor  # [B, T] bool: the tokens TRL's loss counts
+    delta: torch.Tensor  # [B, T] Δ = lp+ − lp- (0 where not scored)
+    scored: torch.Tensor  # [B] bool: rows whose teachers ran (A ≠ 0 and an answer exists)
+    wrong_answers: list[list[str]]  # per row: the r- answers of its group ([] = fallback)
+    completion_ids: torch.Tensor  # [B, T]
+    prompt_ids: torch.Tensor  # [B, P]
+
+
+@dataclass
+class _Verdicts:
+    """Correctness of every rollout of the generation batch, gathered over processes."""
+
+    answers: list[str | None]  # [N] extracted \boxed{} answers
+    accuracy: list[float]  # [N] 1.0 graded correct, 0.0 rejected
+    rewards: list[float]  # [N] TRL's weighted reward sum
+
+
+class CEPOGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with CEPO per-token advantages. Arguments are GRPOTrainer's; ``args``
+    must be a `CEPOConfig` and the train dataset needs the column ``args.cepo_answer_column``."""
+
+    # TRL 1.16 loss types whose `_compute_loss` broadcasts (B, T) advantages element-wise.
+    PER_TOKEN_LOSS_TYPES = frozenset({"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo",
+                                      "vespo"})
+
+    def __init__(self, *args, **kwargs):
+        bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs)
+        params = bound.arguments
+        config = params.get("args")
+        if config is None:
+            model = params["model"]
+            name = model if isinstance(model, str) else model.config._name_or_path
+            config = params["args"] = CEPOConfig(f"{str(name).split('/')[-1]}-CEPO")
+        _check_before_init(config, params)
+        super().__init__(*bound.args[1:], **bound.kwargs)
+        self._check_after_init()
+        self._cepo_grader = Grader(timeout_s=config.cepo_grader_timeout_s)
+        self._cepo_verdicts: _Verdicts | None = None
+        self.cepo_last: CEPOBatch | None = None
+
+    # ------------------------------------------------------------------ construction checks
+
+    def _check_after_init(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        text_config = model.config.get_text_config()
+        if getattr(text_config, "final_logit_softcapping", None) is not None:
+            raise NotImplementedError("final_logit_softcapping is not supported by the CEPO "
+                                      "kernels")
+        for attr in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+            if getattr(text_config, attr, None) not in (None, 1, 1.0):
+                raise NotImplementedError(f"models that scale their logits ({attr}) are not "
+                                          "supported by the CEPO kernels")
+        output_head(model)  # raises for a LoRA-adapted lm_head (no single weight to score with)
+        if self.args.cepo_teacher_model == "base" and not hasattr(model, "disable_adapter"):
+            raise ValueError("cepo_teacher_model='base' needs a PEFT model (adapters to disable); "
+                             "pass peft_config or use cepo_teacher_model='actor'")
+        config = model.config
+        self._cepo_vision_markers = [t for t in (getattr(config, "vision_start_token_id", None),
+                                                 getattr(config, "vision_end_token_id", None))
+                                     if t is not None]
+
+    # ------------------------------------------------------------------ λ schedule
+
+    def cepo_generation(self) -> int:
+        """k: the 1-based index of the generation batch now being produced (SPEC §4 step)."""
+        return generation_index(
+            self.state.global_step, self._step,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation,
+            num_iterations=self.num_iterations)
+
+    def cepo_lambda(self) -> float:
+        return cepo_lambda(self.cepo_generation(), lambda_init=self.args.cepo_lambda_init,
+                           warmup=self.args.cepo_lambda_warmup)
+
+    # ------------------------------------------------------------------ TRL hooks
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._cepo_grader.close()  # the math-verify child; restarted if graded again
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (gathered); additionally grades every completion for the r- choice."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        if self.model.training and self.cepo_lambda() > 0:
+            column = self.args.cepo_answer_column
+            truths = [answer_text(x.get(column)) for x in inputs]
+            answers = [extract_boxed(completion_text(c)) for c in completions]
+            pairs = [(a, t) for a, t in zip(answers, truths) if t is not None]
+            graded = iter(self._cepo_grader.grade_many(pairs))
+            accuracy = [float(next(graded)) if t is not None else 0.0 for t in truths]
+            rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)
+                       ).nansum(dim=1)  # [N], already gathered
+            device = self.accelerator.device
+            self._cepo_verdicts = _Verdicts(
+                answers=gather_object(answers),
+                accuracy=gather(torch.tensor(accuracy, device=device)).tolist(),
+                rewards=rewards.tolist())
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        k, lam = self.cepo_generation(), self.cepo_lambda()
+        self._metrics["train"]["cepo/lambda"].append(lam)
+        if lam == 0:
+            return out
+        verdicts, self._cepo_verdicts = self._cepo_verdicts, None
+        if verdicts is None:
+            raise RuntimeError("CEPO found no graded rollouts: _calculate_rewards was not called")
+        truths = [answer_text(x.get(self.args.cepo_answer_column)) for x in inputs]
+        out["advantages"] = self._cepo_advantages(out, truths, verdicts, k, lam)
+        return out
+
+    # ------------------------------------------------------------------ Â
+
+    def _cepo_advantages(self, out: dict, truths: list, verdicts: _Verdicts, k: int,
+                         lam: float) -> torch.Tensor:
+        args = self.args
+        check_vision_keys(out, args.cepo_teacher_images)
+        comp_ids = out["completion_ids"]  # [B, T]
+        loss_mask = out["completion_mask"].bool()  # [B, T]
+        if out.get("tool_mask") is not None:
+            loss_mask = loss_mask & out["tool_mask"].bool()
+        grpo = out["advantages"].float()  # [B]
+        b, width = comp_ids.shape
+        g, offset = self.num_generations, self.accelerator.process_index * b
+
+        # r- per group, from the gathered verdicts (every process picks for every group alike)
+        wrong_by_group = [
+            select_wrong_answers(verdicts.answers[j: j + g], verdicts.rewards[j: j + g],
+                                 verdicts.accuracy[j: j + g], choice=args.cepo_neg_choice,
+                                 k=args.cepo_num_neg)
+            for j in range(0, len(verdicts.answers), g)]
+        wrong = [wrong_by_group[(offset + i) // g] for i in range(b)]
+        student = row_prefixes(out, with_images=True)
+        teacher = student if args.cepo_teacher_images else row_prefixes(
+            out, with_images=False, drop_token_ids=self._cepo_vision_markers)
+
+        advantages = grpo[:, None] * loss_mask  # [B, T] Â = A where no teacher runs
+        delta = torch.zeros(b, width, device=comp_ids.device)
+        scored = torch.tensor([bool(grpo[i] != 0) and truths[i] is not None for i in range(b)])
+        uniform = self._cepo_uniform()
+        active = list(range(b)) if uniform else scored.nonzero().flatten().tolist()
+        batch_size = args.per_device_train_batch_size
+        for start in range(0, len(active), batch_size):
+            rows = active[start: start + batch_size]
+            t = max(int(out["completion_mask"][rows].sum(1).max()), 1)  # drop shared padding
+            labels = comp_ids[rows, :t].masked_fill(~loss_mask[rows, :t], IGNORE_INDEX)
+            ev = self._cepo_score(out, student, teacher, rows, t, labels, grpo[rows], truths,
+                                  wrong, lam, uniform)
+            keep = scored[rows].to(comp_ids.device)[:, None]  # unscored rows keep Â = A
+            advantages[rows, :t] = torch.where(keep, ev.advantages.to(advantages.dtype),
+                                               advantages[rows, :t])
+            delta[rows, :t] = torch.where(keep & (labels != IGNORE_INDEX), ev.delta.float(), 0.0)
+
+        self._cepo_log(grpo, delta, loss_mask, scored, wrong_by_group, k)
+        self.cepo_last = CEPOBatch(k, lam, grpo.detach().cpu(), advantages.detach().cpu(),
+                                   loss_mask.cpu(), delta.cpu(), scored, wrong, comp_ids.cpu(),
+                                   out["prompt_ids"].cpu())
+        return advantages
+
+    def _cepo_uniform(self) -> bool:
+        """With several processes every rank runs the same forwards (FSDP / ZeRO-3 forwards are
+        collectives): all rows, all streams. Alone, rows with A = 0 (Â = 0) are skipped."""
+        return self.accelerator.num_processes > 1
+
+    @torch.no_grad()
+    def _cepo_score(self, out, student, teacher, rows, t, labels, adv, truths, wrong, lam,
+                    uniform):
+        """Student and teacher hidden states for ``rows`` → `contrastive_evidence` (Â, Δ)."""
+        args = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = hf_model.base_model
+        tokenizer, pad = self._tokenizer, self._tokenizer.pad_token_id
+        resp_ids, resp_mask = out["completion_ids"][rows, :t], out["completion_mask"][rows, :t]
+        device = resp_ids.device
+
+        def hinted(row, answer):  # the teacher row with the hint (none when no answer exists)
+            base = teacher[row]
+            return base if answer is None else base.extend(
+                hint_ids(tokenizer, args.cepo_hint_template, answer))
+
+        def hidden(prefixes, sub, teacher_pass):
+            batch = collate(prefixes, pad, resp_ids[sub], resp_mask[sub]).to(device)
+            ctx = model.disable_adapter() if teacher_pass and args.cepo_teacher_model == "base" \
+                else contextlib.nullcontext()
+            with ctx, self.accelerator.autocast():
+                return backbone_hidden(backbone, batch, t, is_vlm=self._is_vlm)
+
+        everyone = list(range(len(rows)))
+        cepo = args.cepo_algo == "cepo"
+        has_neg = [cepo and bool(wrong[r]) for r in rows]
+        run_neg = everyone if uniform and cepo else [j for j in everyone if has_neg[j]]
+        student_neg = not cepo or args.cepo_neg_fallback == "student"  # r- stand-in
+        need_student = uniform or (student_neg and not all(has_neg))
+        was_training = model.training
+        model.eval()  # teachers score in eval mode (SPEC §5); dropout off
+        try:
+            pos_h = hidden([hinted(r, truths[r]) for r in rows], everyone, True)
+            policy_h = hidden([student[r] for r in rows], everyone, False) if need_student \
+                else pos_h  # its log-probs are then unused
+            negs = []
+            for kk in range(args.cepo_num_neg):
+                neg = (policy_h if student_neg else pos_h).clone()
+                if run_neg:
+                    answers = [wrong[rows[j]][kk % len(wrong[rows[j]])] if has_neg[j]
+                               else truths[rows[j]] for j in run_neg]  # placeholders: uniform
+                    h = hidden([hinted(rows[j], a) for j, a in zip(run_neg, answers)], run_neg,
+                               True)
+                    take = [i for i, j in enumerate(run_neg) if has_neg[j]]
+                    neg[[run_neg[i] for i in take]] = h[take]
+                negs.append(neg)
+        finally:
+            model.train(was_training)
+        neg_h = negs[0] if len(negs) == 1 else torch.stack(negs)  # [b, t, D] or [K, b, t, D]
+        weight, bias = output_head(model)
+        weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP2
+        dtype = weight.dtype
+        with _gather_head(weight, bias):
+            return contrastive_evidence(
+                policy_h.to(dtype), pos_h.to(dtype), neg_h.to(dtype), weight, labels,
+                adv.to(device), mask=labels != IGNORE_INDEX, lam=lam, eps_w=args.cepo_eps_w,
+                bias=bias, temperature=self.temperature, backend=args.cepo_backend)
+
+    def _cepo_log(self, grpo, delta, loss_mask, scored, wrong_by_group, k) -> None:
+        """Δ statistics by sign of A and the fraction of clipped token weights, over processes."""
+        eps = self.args.cepo_eps_w
+        valid = loss_mask & scored.to(loss_mask.device)[:, None]  # [B, T]
+        sign = torch.sign(grpo)[:, None].expand_as(delta)
+        x = sign * delta  # log of the unclipped weight
+        clipped = (x < math.log1p(-eps)) | (x > math.log1p(eps)) if eps > 0 else x != 0
+        pos, neg = valid & (sign > 0), valid & (sign < 0)
+        stats = torch.stack([
+            valid.sum(), (delta * valid).sum(), (delta.square() * valid).sum(),
+            (clipped & valid).sum(),
+            pos.sum(), (delta * pos).sum(), ((delta < 0) & pos).sum(),
+            neg.sum(), (delta * neg).sum(), ((delta > 0) & neg).sum(),
+        ]).float()
+        total = gather(stats[None]).sum(0).tolist()
+        n, s, s2, nclip, npos, spos, wpos, nneg, sneg, wneg = total
+
+        def ratio(a, c):
+            return a / c if c > 0 else float("nan")
+
+        mean = ratio(s, n)
+        metrics = self._metrics["train"]
+        metrics["cepo/generation"].append(float(k))
+        metrics["cepo/delta_mean"].append(mean)
+        metrics["cepo/delta_std"].append(math.sqrt(max(ratio(s2, n) - mean * mean, 0.0))
+                                         if n > 0 else float("nan"))
+        metrics["cepo/delta_mean_pos"].append(ratio(spos, npos))
+        metrics["cepo/delta_mean_neg"].append(ratio(sneg, nneg))
+        metrics["cepo/frac_wrong_dir_pos"].append(ratio(wpos, npos))
+        metrics["cepo/frac_wrong_dir_neg"].append(ratio(wneg, nneg))
+        metrics["cepo/weight_clip_frac"].append(ratio(nclip, n))
+        metrics["cepo/frac_groups_with_neg"].append(
+            ratio(sum(bool(w) for w in wrong_by_group), len(wrong_by_group)))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_before_init(config, params: dict) -> None:
+    """Refuse what cannot work, before any model is loaded."""
+    if Version(trl.__version__) < MIN_TRL:
+        raise ImportError(f"CEPOGRPOTrainer needs trl >= {MIN_TRL} (per-token advantages in "
+                          f"_compute_loss); found {trl.__version__}")
+    if not isinstance(config, CEPOConfig):
+        raise TypeError(f"CEPOGRPOTrainer needs args=CEPOConfig(...), got "
+                        f"{type(config).__name__}; CEPOConfig takes every GRPOConfig field")
+    if config.loss_type not in CEPOGRPOTrainer.PER_TOKEN_LOSS_TYPES:
+        raise ValueError(f"loss_type={config.loss_type!r} is not known to accept per-token "
+                         f"advantages; use one of {sorted(CEPOGRPOTrainer.PER_TOKEN_LOSS_TYPES)}")
+    if config.remove_unused_columns:
+        raise ValueError(f"remove_unused_columns=True would drop the answer column "
+                         f"{config.cepo_answer_column!r} CEPO needs; set it to False")
+    for name in ("tools", "environment_factory"):
+        if params.get(name):
+            raise NotImplementedError(f"CEPOGRPOTrainer does not support {name} yet: tool and "
+                                      "environment turns inside a completion have no teacher "
+                                      "context")
+    dataset = params.get("train_dataset")
+    columns = getattr(dataset, "column_names", None)
+    if dataset is not None and columns is not None and config.cepo_answer_column not in columns:
+        raise ValueError(f"the train dataset has no answer column {config.cepo_answer_column!r} "
+                         f"(columns: {list(columns)}); CEPO builds the r+ teacher from it. Set "
+                         "CEPOConfig(cepo_answer_column=...) to the ground-truth column")
+
+
+def _gather_head(weight, bias):
+    """ZeRO-3: gather the partitioned lm_head for a direct read (TRL's helper; no-op otherwise)."""
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    except ImportError:  # pragma: no cover - older layouts
+        return contextlib.nullcontext()
+    return maybe_gather_lm_head_ctx(weight, bias)

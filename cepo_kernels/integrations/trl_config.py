@@ -1,0 +1,105 @@
+"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (SPEC §2, §4, §5), and the λ schedule.
+
+Every CEPO field is prefixed ``cepo_`` so none can collide with a GRPOConfig field (GRPOConfig
+already has ``delta``, ``temperature``, ...). TRL's own defaults (loss type, clipping, ...) are left
+untouched: switching trainers changes the advantages and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+ALGOS = ("cepo", "rlsd")
+NEG_CHOICES = ("worst", "most_frequent")
+NEG_FALLBACKS = ("student", "positive")
+TEACHER_MODELS = ("actor", "base")
+
+
+def cepo_lambda(generation: int, *, lambda_init: float, warmup: int) -> float:
+    """λ_k = λ0 · max(0, 1 − (k − 1)/T_warm) for generation batch k = 1, 2, ... (SPEC §4)."""
+    if generation < 1:
+        raise ValueError(f"generation counts from 1, got {generation}")
+    return lambda_init * max(0.0, 1.0 - (generation - 1) / warmup)
+
+
+def generation_index(global_step: int, micro_step: int, *, gradient_accumulation_steps: int,
+                     steps_per_generation: int, num_iterations: int) -> int:
+    """The 1-based index k of the generation batch being produced (one SPEC "step").
+
+    TRL generates once every ``steps_per_generation * num_iterations`` micro-steps
+    (forward/backward passes) and takes an optimizer step every ``gradient_accumulation_steps``
+    (GA) of them, so ``global_step * GA + micro_step % GA`` micro-steps are done. On resume
+    ``global_step`` comes back from the checkpoint and TRL's micro-step counter restarts at 0 (a
+    multiple of GA, as at every checkpoint), so the schedule continues where it stopped.
+    """
+    ga = gradient_accumulation_steps
+    done = global_step * ga + micro_step % ga
+    return done // (steps_per_generation * num_iterations) + 1
+
+
+@dataclass
+class CEPOConfig(GRPOConfig):
+    """GRPOConfig plus CEPO; defaults are the paper preset (SPEC §7)."""
+
+    cepo_algo: str = field(default="cepo", metadata={
+        "help": "'cepo' (r+ vs r- teachers) or 'rlsd' (r+ teacher vs the student)."})
+    cepo_lambda_init: float = field(default=0.5, metadata={
+        "help": "λ0: mixing weight of the token weights at the first generation batch."})
+    cepo_lambda_warmup: int = field(default=25, metadata={
+        "help": "T_warm: λ decays linearly to 0 over this many generation batches; then the "
+                "teacher passes are skipped (pure GRPO)."})
+    cepo_eps_w: float = field(default=0.5, metadata={
+        "help": "ε_w: token weights are clipped to [1 − ε_w, 1 + ε_w] (paper 0.5, reference 0.2)."})
+    cepo_neg_choice: str = field(default="worst", metadata={
+        "help": "How r- is picked among the group's rejected rollouts: 'worst' (lowest reward, "
+                "ties to the first) or 'most_frequent' (the most common wrong answer)."})
+    cepo_num_neg: int = field(default=1, metadata={
+        "help": "K wrong answers; K > 1 mixes their teachers as logmeanexp (extension)."})
+    cepo_neg_fallback: str = field(default="student", metadata={
+        "help": "Group without a usable wrong answer: 'student' (RLSD for that group, the paper) "
+                "or 'positive' (r- = r+, i.e. GRPO, the reference code)."})
+    cepo_teacher_images: bool = field(default=True, metadata={
+        "help": "Teachers see the prompt's images; False drops them (the reference code)."})
+    cepo_hint_template: str = field(default=" {answer}", metadata={
+        "help": "Text inserted between the prompt and the response; must contain '{answer}'."})
+    cepo_answer_column: str = field(default="answer", metadata={
+        "help": "Dataset column with the ground-truth answer (r+; also what rollouts are "
+                "graded against to find rejected ones)."})
+    cepo_teacher_model: str = field(default="actor", metadata={
+        "help": "'actor' (current weights) or 'base' (PEFT adapters disabled)."})
+    cepo_backend: str = field(default="auto", metadata={
+        "help": "cepo_kernels backend: 'auto', 'triton' or 'torch'."})
+    cepo_grader_timeout_s: float = field(default=5.0, metadata={
+        "help": "Time limit per graded answer (math-verify runs in a child process)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice("cepo_algo", self.cepo_algo, ALGOS)
+        _choice("cepo_neg_choice", self.cepo_neg_choice, NEG_CHOICES)
+        _choice("cepo_neg_fallback", self.cepo_neg_fallback, NEG_FALLBACKS)
+        _choice("cepo_teacher_model", self.cepo_teacher_model, TEACHER_MODELS)
+        _choice("cepo_backend", self.cepo_backend, ("auto", "triton", "torch"))
+        if not (0.0 <= self.cepo_lambda_init <= 1.0 and math.isfinite(self.cepo_lambda_init)):
+            raise ValueError(f"cepo_lambda_init must be in [0, 1], got {self.cepo_lambda_init}")
+        if int(self.cepo_lambda_warmup) != self.cepo_lambda_warmup or self.cepo_lambda_warmup < 1:
+            raise ValueError(f"cepo_lambda_warmup must be an int >= 1, got "
+                             f"{self.cepo_lambda_warmup}")
+        if not 0.0 <= self.cepo_eps_w < 1.0:
+            raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
+        if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:
+            raise ValueError(f"cepo_num_neg must be an int >= 1, got {self.cepo_num_neg}")
+        if "{answer}" not in self.cepo_hint_template:
+            raise ValueError(f"cepo_hint_template must contain '{{answer}}', got "
+                             f"{self.cepo_hint_template!r}")
+        if not self.cepo_answer_column:
+            raise ValueError("cepo_answer_column must name a dataset column")
+        if self.cepo_grader_timeout_s <= 0:
+            raise ValueError(f"cepo_grader_timeout_s must be > 0, got {self.cepo_grader_timeout_s}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

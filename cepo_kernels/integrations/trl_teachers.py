@@ -1,0 +1,138 @@
+"""TRL adapter for the teacher side of CEPO: from a GRPOTrainer batch to per-row teacher inputs.
+
+TRL hands over left-padded ``prompt_ids`` [B, P], right-padded ``completion_ids`` [B, T] and, for
+Qwen-style VLMs, ``mm_token_type_ids`` [B, P + T], packed ``pixel_values`` with one
+``image_grid_thw`` row per image and ``num_images`` per row. This module turns one row into a
+`cepo.batch.Prefix` (its real prompt tokens plus its own images), from which the student and
+teacher rows are built with `cepo.batch.collate`:
+
+    student:   [pad | prompt                | completion (T, right-padded)]
+    teacher:   [pad | prompt + hint(answer) | completion]
+
+so completion token j sits in the same column of every stream and the hidden state one column
+to its left predicts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cepo.batch import ModelInputs, Prefix
+
+# Vision inputs of non-Qwen VLMs, whose per-row layout the teacher rows cannot rebuild.
+OTHER_VISION_KEYS = ("pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
+                     "image_position_ids", "num_tiles")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one TRL completion: a string, or a conversation whose last turn is read."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(c.get("text", "") for c in content if isinstance(c, dict))
+        return ""
+    raise TypeError(f"cannot read a completion of type {type(completion).__name__}")
+
+
+def answer_text(value: Any) -> str | None:
+    """A dataset answer as text; None when missing or empty."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def hint_ids(tokenizer, template: str, answer: str) -> torch.Tensor:
+    """Token ids [H] of the hint ``template.format(answer=answer)`` (no special tokens)."""
+    text = template.format(answer=answer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_vision_keys(batch: dict, teacher_images: bool) -> None:
+    """Refuse VLM inputs whose per-row layout this adapter cannot rebuild (non-Qwen VLMs)."""
+    other = [k for k in OTHER_VISION_KEYS if batch.get(k) is not None]
+    if other and teacher_images:
+        raise NotImplementedError(
+            f"CEPOGRPOTrainer rebuilds teacher inputs for Qwen-style VLMs (pixel_values + "
+            f"image_grid_thw + mm_token_type_ids); this model's batch also has {other}. "
+            "Set cepo_teacher_images=False to score image-blind teachers instead."
+        )
+    no_grid = batch.get("pixel_values") is not None and batch.get("image_grid_thw") is None
+    if no_grid and teacher_images:
+        raise NotImplementedError(
+            "CEPOGRPOTrainer needs image_grid_thw to split pixel_values per row (Qwen-style VLMs); "
+            "set cepo_teacher_images=False for other VLMs."
+        )
+
+
+def row_prefixes(batch: dict, *, with_images: bool, drop_token_ids: Sequence[int] = ()
+                 ) -> list[Prefix]:
+    """One `Prefix` per row of a TRL batch: the real prompt tokens and the row's images.
+
+    ``with_images=False`` removes the image placeholder tokens (``mm_token_type_ids != 0``) and
+    ``drop_token_ids`` (the vision start/end markers), and attaches no pixels: an image-blind
+    rendering of the same prompt.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"].bool()  # [B, P]
+    width = prompt_ids.shape[1]
+    mm = batch.get("mm_token_type_ids")
+    mm = mm[:, :width] if mm is not None else torch.zeros_like(prompt_ids)  # prompt part
+    pixels = _pixels_per_row(batch) if with_images else [(None, None)] * prompt_ids.shape[0]
+    drop = torch.tensor(list(drop_token_ids), dtype=prompt_ids.dtype, device=prompt_ids.device)
+    out = []
+    for row in range(prompt_ids.shape[0]):
+        keep = prompt_mask[row]
+        if not with_images:
+            keep = keep & (mm[row] == 0) & ~torch.isin(prompt_ids[row], drop)
+        pv, grid = pixels[row]
+        out.append(Prefix(prompt_ids[row, keep].cpu(), mm[row, keep].to(torch.int32).cpu(),
+                          pv, grid))
+    return out
+
+
+def _pixels_per_row(batch: dict) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Packed Qwen ``pixel_values`` [ΣP, C] and ``image_grid_thw`` [I, 3] → per-row chunks."""
+    n = batch["prompt_ids"].shape[0]
+    pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if pixel_values is None or grid is None:
+        return [(None, None)] * n
+    num_images = batch.get("num_images") or [0] * n
+    patches = grid.prod(-1).tolist()  # [I] patch rows per image
+    out, image, row_start = [], 0, 0
+    for count in num_images:
+        rows = sum(patches[image: image + count])
+        if count:
+            out.append((pixel_values[row_start: row_start + rows],
+                        grid[image: image + count]))
+        else:
+            out.append((None, None))
+        image, row_start = image + count, row_start + rows
+    return out
+
+
+def backbone_hidden(backbone: torch.nn.Module, inputs: ModelInputs, response_len: int, *,
+                    is_vlm: bool) -> torch.Tensor:
+    """Hidden states [b, T, D] (before the lm_head) that predict the last ``response_len`` tokens.
+
+    ``backbone`` is the decoder under the lm_head (``model.base_model`` of a transformers
+    ``...ForCausalLM`` / ``...ForConditionalGeneration``), called the way TRL's fused head calls
+    it: no position ids (Qwen-VL derives mRoPE from ``mm_token_type_ids`` and the mask).
+    """
+    kwargs = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask,
+              "use_cache": False}
+    if is_vlm:
+        kwargs["mm_token_type_ids"] = inputs.mm_token_type_ids.long()
+        if inputs.pixel_values is not None:
+            kwargs["pixel_values"] = inputs.pixel_values
+            kwargs["image_grid_thw"] = inputs.image_grid_thw
+    hidden = backbone(**kwargs).last_hidden_state  # [b, L, D]
+    length = hidden.shape[1]
+    return hidden[:, length - response_len - 1: length - 1]
