@@ -1,0 +1,200 @@
+"""Answer extraction and equivalence grading with a hard time limit.
+
+`extract_boxed` takes the last ``\\boxed{...}`` of a response (brace-matched). `Grader` decides
+whether an extracted answer equals the ground truth: an exact match after light normalisation is
+settled here; everything else goes to math-verify (symbolic/numeric equivalence, e.g.
+``\\frac{1}{2}`` = ``0.5``) in a child process. The child is why: sympy can spin inside C code
+where no signal reaches it, so the only limit that always holds is killing the process. A graded
+answer that runs past the limit counts as wrong, the child is restarted and the step goes on.
+
+This module must not import torch: the child runs ``python -m cepo.grading`` and should start in
+about a second.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import selectors
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_STARTUP_TIMEOUT_S = 120.0
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` in `text`, or None when there is none.
+
+    An unclosed last box (a truncated response) falls back to the last complete one before it.
+    """
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth, start = 1, match.end()
+        for i in range(start, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i].strip()
+    return None
+
+
+_STRIP = (
+    (re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\$"), ""),
+    (re.compile(r"\^\s*\{?\\circ\}?|°|\\degree"), ""),
+    (re.compile(r"\\[dt]frac"), r"\\frac"),
+    (re.compile(r"\s+"), ""),
+    (re.compile(r"\.$"), ""),
+)
+
+
+def normalize_answer(answer: str) -> str:
+    """Light canonical form for the fast exact-match path and for de-duplicating wrong answers:
+    no spaces, ``$``, ``\\left``/``\\right``, degree marks or trailing full stop."""
+    for pattern, repl in _STRIP:
+        answer = pattern.sub(repl, answer)
+    return answer
+
+
+def _math_verify_equal(answer: str, ground_truth: str, timeout_s: int) -> bool:
+    """math-verify's verdict (gold first: it is not symmetric). Runs inside the child process."""
+    from math_verify import parse, verify
+
+    gold = parse(f"${ground_truth}$", parsing_timeout=timeout_s)
+    pred = parse(f"${answer}$", parsing_timeout=timeout_s)
+    if not gold or not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=timeout_s))
+
+
+class Grader:
+    """Grades (answer, ground truth) pairs; math-verify runs in a child with a per-pair deadline.
+
+    The child starts on first use and is reused; `close()` (also registered at exit) ends it.
+    """
+
+    def __init__(self, timeout_s: float = 5.0):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.timeouts = 0  # pairs that ran past the limit, over the grader's lifetime
+        self._proc: subprocess.Popen | None = None
+        atexit.register(self.close)
+
+    def grade(self, answer: str | None, ground_truth: str) -> bool:
+        return self.grade_many([(answer, ground_truth)])[0]
+
+    def grade_many(self, pairs: list[tuple[str | None, str]]) -> list[bool]:
+        results: list[bool | None] = []
+        for answer, truth in pairs:
+            if answer is None or not answer.strip():
+                results.append(False)
+            elif normalize_answer(answer) == normalize_answer(truth):
+                results.append(True)
+            else:
+                results.append(None)  # needs math-verify
+        for i, (answer, truth) in enumerate(pairs):
+            if results[i] is None:
+                results[i] = self._ask_child(answer, truth)
+        return [bool(r) for r in results]
+
+    def _ask_child(self, answer: str, truth: str) -> bool:
+        request = json.dumps({"answer": answer, "truth": truth}) + "\n"
+        for attempt in range(2):  # a child that died between requests is restarted once
+            proc = self._child()
+            try:
+                proc.stdin.write(request)
+                proc.stdin.flush()
+                break
+            except BrokenPipeError:
+                self.close()
+                if attempt:
+                    raise RuntimeError("the grading child keeps exiting") from None
+        line = self._read_line(proc, self.timeout_s + 1.0)  # 1 s for the pipe round trip
+        if line is None:
+            self.timeouts += 1
+            logger.warning(
+                "grading %r against %r exceeded %.0fs; counted as wrong",
+                answer[:80],
+                truth[:80],
+                self.timeout_s,
+            )
+            self.close()
+            return False
+        return bool(json.loads(line)["equal"])
+
+    @staticmethod
+    def _read_line(proc: subprocess.Popen, timeout_s: float) -> str | None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout_s):
+                return None
+        line = proc.stdout.readline()
+        return line or None
+
+    def _child(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])  # so `-m cepo.grading` finds this package
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cepo.grading", "--worker", str(max(1, int(self.timeout_s)))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        # The child says when math-verify is imported, so start-up never counts against a pair.
+        if self._read_line(self._proc, _STARTUP_TIMEOUT_S) is None:
+            self.close()
+            raise RuntimeError(
+                f"the grading child (python -m cepo.grading) did not start within "
+                f"{_STARTUP_TIMEOUT_S:.0f}s; check that math-verify is installed"
+            )
+        return self._proc
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            for stream in (self._proc.stdin, self._proc.stdout):
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
+            self._proc = None
+
+
+def _worker(timeout_s: int) -> None:
+    """Child loop: one JSON request per stdin line, one ``{"equal": bool}`` per stdout line."""
+    logging.disable(logging.WARNING)  # math-verify logs parse failures; the parent reads stdout
+    import math_verify  # noqa: F401 - import before saying ready
+
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            equal = _math_verify_equal(request["answer"], request["truth"], timeout_s)
+        except Exception:  # noqa: BLE001 - a grader error means "not shown equal"
+            equal = False
+        sys.stdout.write(json.dumps({"equal": equal}) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m cepo.grading --worker TIMEOUT_SECONDS")

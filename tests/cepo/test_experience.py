@@ -1,0 +1,141 @@
+"""End to end: one experience step (sample -> reward -> advantages -> teachers -> Â) on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cepo.experience import ExperienceConfig, make_experience
+from cepo.rollout import RolloutConfig
+from cepo.teachers import TeacherConfig
+
+LAM, EPS_W = 0.5, 0.5
+
+
+def _config(**kw) -> ExperienceConfig:
+    kw.setdefault("teacher", TeacherConfig(micro_batch_size=6))
+    rollout = RolloutConfig(group_size=4, max_new_tokens=12)
+    return ExperienceConfig(eps_w=EPS_W, rollout=rollout, **kw)
+
+
+def test_one_step_with_real_generation(model, processor, examples, grader):
+    exp = make_experience(model, processor, examples[:4], lam=LAM, config=_config(), grader=grader)
+    r = exp.rollouts
+    n, t = r.response_ids.shape
+    assert n == 16 and t <= 12
+    for name in ("old_logprobs", "token_advantages"):
+        assert getattr(exp, name).shape == (n, t)
+    for name in ("pos_logprobs", "neg_logprobs", "delta", "weight"):
+        assert getattr(exp.scores, name).shape == (n, t)
+    mask = exp.response_mask.bool()
+    assert (exp.old_logprobs[mask] < 0).all() and (exp.old_logprobs[~mask] == 0).all()
+    assert (exp.token_advantages[~mask] == 0).all()
+    assert exp.advantages.shape == (n,) and exp.rewards.reward.shape == (n,)
+    # random weights almost never box an answer, so groups are mostly uniform: A = Â = 0 there,
+    # and the teachers ran exactly on the rows with A != 0
+    zero = exp.advantages == 0
+    assert (exp.token_advantages[zero] == 0).all()
+    assert torch.equal(exp.scores.teacher_scored, ~zero)
+    for key in (
+        "reward/mean",
+        "reward/accuracy",
+        "reward/format",
+        "rollout/response_length",
+        "rollout/mixed_groups",
+        "cepo/lambda",
+        "time/rollout",
+        "time/score",
+    ):
+        assert key in exp.metrics and math.isfinite(exp.metrics[key])
+
+
+def test_mixed_groups_give_spec_conforming_token_advantages(
+    model, processor, examples, grader, scripted_engine
+):
+    exp = make_experience(
+        model,
+        processor,
+        examples[:3],
+        lam=LAM,
+        config=_config(),
+        engine=scripted_engine(),
+        grader=grader,
+    )
+    a, s = exp.advantages, exp.scores
+    mask = exp.response_mask.bool()
+    torch.testing.assert_close(exp.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))
+    assert exp.wrong_answers == [["999"]] * 3
+    assert s.teacher_scored.all() and exp.metrics["rollout/mixed_groups"] == 1.0
+
+    a_tok = a[:, None].expand_as(mask)[mask]  # [valid tokens]
+    a_hat = s.token_advantages[mask]
+    assert (a_hat != 0).all()  # mixed groups: non-zero Â on every response token
+    # §8.1 sign(Â) = sign(A)
+    assert torch.equal(torch.sign(a_hat), torch.sign(a_tok))
+    # §8.2 |A|(1 - λ ε_w) <= |Â| <= |A|(1 + λ ε_w)
+    tol = 1e-6
+    assert (a_hat.abs() >= a_tok.abs() * (1 - LAM * EPS_W) - tol).all()
+    assert (a_hat.abs() <= a_tok.abs() * (1 + LAM * EPS_W) + tol).all()
+    # Â is the SPEC §2 formula of the returned Δ (independent recomputation)
+    delta = s.delta[mask]
+    w = torch.exp(torch.sign(a_tok) * delta.double()).clamp(1 - EPS_W, 1 + EPS_W)
+    torch.testing.assert_close(a_hat.double(), a_tok.double() * ((1 - LAM) + LAM * w))
+    # §8.3 Δ = 0 => Â = A: the teachers are real models here, so force it with r- = r+ ...
+    same = make_experience(
+        model,
+        processor,
+        examples[:3],
+        lam=LAM,
+        engine=scripted_engine(),
+        grader=grader,
+        config=_config(teacher=TeacherConfig(hint_template="")),
+    )
+    assert same.scores.delta[mask].abs().max() < 1e-5
+    torch.testing.assert_close(same.token_advantages[mask], a_tok, atol=1e-5, rtol=0)
+    # ... and the reweighting really does something when the hints differ
+    assert not torch.allclose(a_hat, a_tok)
+    for key in (
+        "cepo/delta_mean",
+        "cepo/delta_mean_pos",
+        "cepo/delta_mean_neg",
+        "cepo/frac_wrong_dir_pos",
+        "cepo/adv_pre",
+        "cepo/adv_post",
+    ):
+        assert math.isfinite(exp.metrics[key])
+
+
+@pytest.mark.parametrize("lam, algo", [(0.0, "cepo"), (LAM, "grpo")])
+def test_grpo_path_skips_teachers(model, processor, examples, grader, scripted_engine, lam, algo):
+    kw = dict(engine=scripted_engine(), grader=grader)
+    grpo = make_experience(model, processor, examples[:2], lam=lam, config=_config(algo=algo), **kw)
+    cepo = make_experience(model, processor, examples[:2], lam=LAM, config=_config(), **kw)
+    mask = grpo.response_mask.bool()
+    assert torch.equal(grpo.token_advantages, grpo.advantages[:, None] * mask)  # §8.4
+    assert not grpo.scores.teacher_scored.any() and grpo.wrong_answers == [[], []]
+    torch.testing.assert_close(grpo.old_logprobs, cepo.old_logprobs, atol=1e-5, rtol=0)
+
+
+def test_rlsd_step(model, processor, examples, grader, scripted_engine):
+    exp = make_experience(
+        model,
+        processor,
+        examples[:2],
+        lam=LAM,
+        config=_config(algo="rlsd"),
+        engine=scripted_engine(),
+        grader=grader,
+    )
+    torch.testing.assert_close(exp.scores.neg_logprobs, exp.old_logprobs)  # §8.5: P_T- = P_S
+
+
+def test_bad_inputs_are_explained(model, processor, examples, grader):
+    with pytest.raises(ValueError, match="lam"):
+        make_experience(model, processor, examples[:1], lam=1.5, grader=grader)
+    tight = ExperienceConfig(rollout=RolloutConfig(max_prompt_tokens=5))
+    with pytest.raises(ValueError, match="longer than max_prompt_tokens=5"):
+        make_experience(model, processor, examples[:2], lam=LAM, config=tight, grader=grader)
+    with pytest.raises(ValueError, match="algo"):
+        ExperienceConfig(algo="ppo")
