@@ -14,6 +14,8 @@ peaked distribution keeps its small true-class gradient (Liger #1329 rounded p_y
 import triton
 import triton.language as tl
 
+from .tl_utils import logit_tile
+
 
 @triton.jit
 def logit_grad_bwd_kernel(
@@ -39,22 +41,9 @@ def logit_grad_bwd_kernel(
     col_ok = cols < V
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
 
-    # 1. recompute the logit tile
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, DIM, BLOCK_D):
-        dd = d0 + offs_d
-        d_ok = dd < DIM
-        h = tl.load(H + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(W + cols[None, :] * stride_wv + dd[:, None] * stride_wd,
-                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = acc * INV_TEMP
+    # 1. recompute the logit tile (−inf in padded columns)
+    z = logit_tile(H + rows * stride_hn, W, B, cols, row_ok, col_ok, DIM, stride_hd, stride_wv,
+                   stride_wd, INV_TEMP, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
 
     # 2. dz in fp32; padded rows have g = 0 and padded columns p = 0
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)

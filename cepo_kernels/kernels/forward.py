@@ -17,6 +17,8 @@ z = (h·Wᵀ + b)·INV_TEMP is accumulated in fp32; running maxima start at −i
 import triton
 import triton.language as tl
 
+from .tl_utils import logit_tile
+
 
 @triton.jit
 def logit_stats_fwd_kernel(
@@ -56,27 +58,13 @@ def logit_stats_fwd_kernel(
     d = tl.zeros([BLOCK_R], tl.float32)
     t = tl.zeros([BLOCK_R], tl.float32)
     e = tl.zeros([BLOCK_R], tl.float32)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
 
     # 2. stream the vocabulary range tile by tile
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < v_hi
-        acc = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
-        for d0 in range(0, DIM, BLOCK_D):
-            dd = d0 + offs_d
-            d_ok = dd < DIM
-            h = tl.load(h_row[:, None] + dd[None, :] * stride_hd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(W + cols[None, :] * stride_wv + dd[:, None] * stride_wd,
-                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)   # [BLOCK_D, BLOCK_V]
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_ok[None, :], acc * INV_TEMP, float("-inf"))
+        z = logit_tile(h_row, W, B, cols, row_ok, col_ok, DIM, stride_hd, stride_wv, stride_wd,
+                       INV_TEMP, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_R, BLOCK_V, BLOCK_D)
 
         # 3. the label's logit lives in exactly one tile of one split
         t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
