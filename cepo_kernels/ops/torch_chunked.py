@@ -62,14 +62,6 @@ def _tile_logits(h_scaled, weight, bias, v0, v1, inv_temp, cdtype, out):
     return torch.addmm(bias[v0:v1].to(cdtype), h_scaled, w.T, beta=inv_temp, out=out)
 
 
-def target_logits(hidden: torch.Tensor, weight, bias, safe_labels, inv_temp, cdtype):
-    """z_y = (h·W[y] + b[y]) / τ for every token of one stream: [N], an O(N·D) indexed dot."""
-    z = (hidden.to(cdtype) * weight[safe_labels].to(cdtype)).sum(-1)
-    if bias is not None:
-        z = z + bias[safe_labels].to(cdtype)
-    return z * inv_temp
-
-
 def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
                   bias: Optional[torch.Tensor], labels: torch.Tensor, *, temperature: float,
                   ignore_index: int, with_entropy: bool,
@@ -83,7 +75,7 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
     cv = min(chunk_vocab, V)
     ct = chunk_tokens_for(S, cv, chunk_tokens)
     safe = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
-    target = torch.stack([target_logits(s, weight, bias, safe, inv_temp, cdtype) for s in streams])
+    target = torch.empty(S, N, dtype=cdtype, device=device)
     lse = torch.empty(S, N, dtype=cdtype, device=device)
     ent = torch.empty(S, N, dtype=cdtype, device=device) if with_entropy else None
     tiles = _Tiles(S * min(ct, N), cv, 2, cdtype, device)
@@ -93,6 +85,12 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
         rows = S * (n1 - n0)
         # [S·cn, D]: all streams of these tokens, so each W tile feeds one matmul for all of them
         h = torch.cat([s[n0:n1].to(cdtype) for s in streams]) * inv_temp
+        # the label's logit z_y = (h·W[y] + b[y]) / τ: an O(S·cn·D) indexed dot, no tile needed
+        w_y = weight[safe[n0:n1]].to(cdtype)
+        z_y = (h.view(S, n1 - n0, -1) * w_y).sum(-1)
+        if bias is not None:
+            z_y += bias[safe[n0:n1]].to(cdtype) * inv_temp
+        target[:, n0:n1] = z_y
         run_lse = torch.full((rows,), float("-inf"), dtype=cdtype, device=device)
         run_pz = torch.zeros(rows, dtype=cdtype, device=device)  # E_p[z] so far (entropy)
         for v0 in range(0, V, cv):
