@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cepo.batch import ModelInputs, Prefix
+from cepo.teachers import hint_ids  # noqa: F401 - re-exported for the TRL trainer
 
 # Vision inputs of non-Qwen VLMs, whose per-row layout the teacher rows cannot rebuild.
 OTHER_VISION_KEYS = ("pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
@@ -47,13 +48,6 @@ def answer_text(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def hint_ids(tokenizer, template: str, answer: str) -> torch.Tensor:
-    """Token ids [H] of the hint ``template.format(answer=answer)`` (no special tokens)."""
-    text = template.format(answer=answer)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def check_vision_keys(batch: dict, teacher_images: bool) -> None:

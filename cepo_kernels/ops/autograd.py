@@ -27,8 +27,12 @@ class LogProbParams:
     chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
 
 
-def forward_stats(streams, weight, bias, labels, params: LogProbParams) -> LogitStats:
-    """One pass over W for S streams [N, D] (a list, or an [S, N, D] tensor)."""
+def forward_stats(streams, weight, bias, labels, params: LogProbParams,
+                  grad_hidden: bool = False) -> LogitStats:
+    """One pass over W for S streams [N, D] (a list, or an [S, N, D] tensor).
+
+    ``grad_hidden`` (torch backend only) also returns ∂lp/∂h, computed during the pass.
+    """
     if params.backend == "triton":
         from . import triton_launch
 
@@ -40,6 +44,7 @@ def forward_stats(streams, weight, bias, labels, params: LogProbParams) -> Logit
                                        temperature=params.temperature,
                                        ignore_index=params.ignore_index,
                                        with_entropy=params.with_entropy,
+                                       grad_hidden=grad_hidden,
                                        chunk_tokens=params.chunk_tokens,
                                        chunk_vocab=params.chunk_vocab)
 
@@ -49,7 +54,13 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LogProbParams):
-        stats = forward_stats([hidden], weight, bias, labels, params)
+        # LoRA / frozen head with the torch backend: ∂lp/∂h comes out of the forward pass itself
+        # (an N×D tensor), so the backward needs no second pass over the vocabulary. With an
+        # entropy output, or when W or b need a gradient, the backward recomputes the tiles.
+        needs = ctx.needs_input_grad
+        ctx.jacobian = (params.backend == "torch" and needs[0] and not needs[1]
+                        and not (bias is not None and needs[2]) and not params.with_entropy)
+        stats = forward_stats([hidden], weight, bias, labels, params, grad_hidden=ctx.jacobian)
         valid = labels != params.ignore_index
         lp = stats.logprobs(valid)[0]
         if stats.entropy is not None:
@@ -57,15 +68,24 @@ class LinearLogProbsFunction(torch.autograd.Function):
         else:
             ent = torch.zeros_like(lp)
             ctx.mark_non_differentiable(ent)
-        ctx.save_for_backward(hidden, weight, bias, labels, stats.lse[0],
-                              None if stats.entropy is None else stats.entropy[0])
-        ctx.params = params
+        ctx.params, ctx.hidden_dtype = params, hidden.dtype
+        if ctx.jacobian:
+            ctx.save_for_backward(stats.grad_hidden[0], labels)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, stats.lse[0],
+                                  None if stats.entropy is None else stats.entropy[0])
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         p: LogProbParams = ctx.params
+        if ctx.jacobian:
+            jac, labels = ctx.saved_tensors
+            if grad_lp is None:
+                return None, None, None, None, None
+            g = torch.where(labels != p.ignore_index, grad_lp.to(jac.dtype), 0.0)
+            return (g[:, None] * jac).to(ctx.hidden_dtype), None, None, None, None
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
             bias is not None and ctx.needs_input_grad[2])
         if grad_lp is None:

@@ -13,11 +13,13 @@ class LogitStats(NamedTuple):
     target:  z_y, the (temperature-scaled) logit of the label
     lse:     logsumexp_v z_v
     entropy: −Σ p log p, or None when it was not asked for
+    grad_hidden: ∂lp/∂h = (W_y − E_p[W]) / τ, [S, N, D], when the forward was asked for it
     """
 
     target: torch.Tensor
     lse: torch.Tensor
     entropy: Optional[torch.Tensor]
+    grad_hidden: Optional[torch.Tensor] = None
 
     def logprobs(self, valid: torch.Tensor) -> torch.Tensor:
         """lp = z_y − lse, 0 at ignored tokens (``valid`` is [N] bool)."""

@@ -6,6 +6,13 @@ multiplied against all S streams of the same tokens at once (one matmul), so W i
 token chunk for all streams. Tiles are written into buffers allocated once per call (``out=``),
 which keeps the GEMM fast and avoids page-faulting a fresh tile each time.
 
+With ``grad_hidden=True`` (hidden states need a gradient, the lm_head does not: LoRA or a frozen
+head) the forward also accumulates E_p[W] = Σ_v p_v W_v the way flash-attention accumulates its
+output (each tile's softmax-weighted W, reweighted by exp(lse_tile − lse)), which gives
+∂lp_t/∂h_t = (W_y − E_p[W]) / τ exactly. lp_t depends on h_t alone, so the backward is then
+g_t·∂lp_t/∂h_t for any per-token g: no logits are recomputed and the update costs two matmuls,
+like the naive path, instead of three.
+
 Per tile the logsumexp comes from torch's fused log_softmax kernel (max and Σexp in one vectorised
 sweep, ~5× faster on CPU than ``torch.logsumexp``): lse_tile = z_j − log_softmax(z)_j read at
 j = argmax z, where both terms are small and exact to fp32. Tiles are merged with logaddexp.
@@ -64,10 +71,10 @@ def _tile_logits(h_scaled, weight, bias, v0, v1, inv_temp, cdtype, out):
 
 def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
                   bias: Optional[torch.Tensor], labels: torch.Tensor, *, temperature: float,
-                  ignore_index: int, with_entropy: bool,
+                  ignore_index: int, with_entropy: bool, grad_hidden: bool = False,
                   chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
                   chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> LogitStats:
-    """Target logit, logsumexp (and entropy) of S hidden streams [N, D] sharing W and labels."""
+    """Target logit, logsumexp (and entropy, and ∂lp/∂h) of S streams [N, D] sharing W, labels."""
     S, N, V = len(streams), labels.shape[0], weight.shape[0]
     cdtype = compute_dtype(streams[0].dtype)
     inv_temp = 1.0 / temperature
@@ -78,6 +85,7 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
     target = torch.empty(S, N, dtype=cdtype, device=device)
     lse = torch.empty(S, N, dtype=cdtype, device=device)
     ent = torch.empty(S, N, dtype=cdtype, device=device) if with_entropy else None
+    jac = torch.empty(S, N, weight.shape[1], dtype=cdtype, device=device) if grad_hidden else None
     tiles = _Tiles(S * min(ct, N), cv, 2, cdtype, device)
 
     for n0 in range(0, N, ct):
@@ -93,6 +101,8 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
         target[:, n0:n1] = z_y
         run_lse = torch.full((rows,), float("-inf"), dtype=cdtype, device=device)
         run_pz = torch.zeros(rows, dtype=cdtype, device=device)  # E_p[z] so far (entropy)
+        run_pw = torch.zeros(rows, weight.shape[1], dtype=cdtype, device=device) if grad_hidden \
+            else None                                             # E_p[W] so far (∂lp/∂h)
         for v0 in range(0, V, cv):
             v1 = min(v0 + cv, V)
             z = _tile_logits(h, weight, bias, v0, v1, inv_temp, cdtype, tiles.get(0, rows, v1 - v0))
@@ -100,15 +110,21 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
             top = z.argmax(dim=1, keepdim=True)
             tile_lse = (z.gather(1, top) - log_p.gather(1, top)).squeeze(1)
             new_lse = torch.logaddexp(run_lse, tile_lse)
-            if with_entropy:
-                # E_p[z] over the tile, then reweighted by the tile's share exp(lse_k − lse)
-                tile_pz = log_p.exp_().mul_(z).sum(1)
-                run_pz = run_pz * torch.exp(run_lse - new_lse) + tile_pz * torch.exp(tile_lse - new_lse)
+            if with_entropy or grad_hidden:
+                # tile expectations, reweighted by the tile's share exp(lse_k − lse) of the mass
+                keep, share = torch.exp(run_lse - new_lse), torch.exp(tile_lse - new_lse)
+                p = log_p.exp_()                                  # softmax within the tile
+                if grad_hidden:
+                    run_pw = run_pw * keep[:, None] + (p @ weight[v0:v1].to(cdtype)) * share[:, None]
+                if with_entropy:
+                    run_pz = run_pz * keep + p.mul_(z).sum(1) * share
             run_lse = new_lse
         lse[:, n0:n1] = run_lse.view(S, n1 - n0)
         if with_entropy:
             ent[:, n0:n1] = (run_lse - run_pz).view(S, n1 - n0)
-    return LogitStats(target=target, lse=lse, entropy=ent)
+        if grad_hidden:
+            jac[:, n0:n1] = ((w_y - run_pw.view(S, n1 - n0, -1)) * inv_temp)
+    return LogitStats(target=target, lse=lse, entropy=ent, grad_hidden=jac)
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -69,18 +69,19 @@ def test_ignored_tokens_get_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_gets_no_gradient_and_none_is_computed(backend, monkeypatch):
-    """LoRA / frozen lm_head: weight.requires_grad=False ⇒ no dW work at all."""
+    """LoRA / frozen lm_head: weight.requires_grad=False ⇒ no dW work at all.
+
+    The torch backend then takes ∂lp/∂h from the forward pass and never re-streams the
+    vocabulary in the backward; the triton backend runs its backward without the dW part.
+    """
     h, w, y, _ = make_problem(16, 16, 100)
     h.requires_grad_()
     seen = {}
     if backend == "torch":
-        orig = torch_chunked.backward
+        def no_second_pass(*a, **k):
+            raise AssertionError("the backward re-streamed the vocabulary")
 
-        def spy(*a, **k):
-            seen.update(k)
-            return orig(*a, **k)
-
-        monkeypatch.setattr(torch_chunked, "backward", spy)
+        monkeypatch.setattr(torch_chunked, "backward", no_second_pass)
     else:
         from cepo_kernels.ops import triton_launch
 
@@ -94,9 +95,34 @@ def test_frozen_weight_gets_no_gradient_and_none_is_computed(backend, monkeypatc
 
         monkeypatch.setattr(triton_launch, "backward", spy)
     out = fused_linear_logprobs(h, w, y, backend=backend)
-    out.logprobs.sum().backward()
-    assert seen["need_weight"] is False and seen["need_hidden"] is True
+    g = _upstream(16, DEVICE)
+    (out.logprobs * g).sum().backward()
+    if backend == "triton":
+        assert seen["need_weight"] is False and seen["need_hidden"] is True
     assert w.grad is None and h.grad is not None
+    h64, w64 = f64(h, w)
+    h64.requires_grad_()
+    (reference.logprobs(h64, w64, y.cpu()) * g.double().cpu()).sum().backward()
+    assert_grad_close(h.grad, h64.grad, torch.float32, what="dhidden")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_hidden_only_gradient_from_forward_pass_matches_oracle(dtype):
+    """The torch backend's LoRA path (∂lp/∂h from the forward) with strided per-token grads,
+    temperature and several vocabulary tiles."""
+    h, w, y, b = make_problem(45, 24, 1037, dtype=dtype, bias=True)
+    h.requires_grad_()
+    out = fused_linear_logprobs(h, w, y, bias=b, temperature=0.7, backend="torch",
+                                chunk_tokens=16, chunk_vocab=128)
+    g = _upstream(45, DEVICE)
+    (out.logprobs * g).sum().backward()
+    h64, w64, b64 = f64(h, w, b)
+    h64.requires_grad_()
+    (reference.logprobs(h64, w64, y.cpu(), bias=b64, temperature=0.7)
+     * g.double().cpu()).sum().backward()
+    assert h.grad.dtype == dtype
+    assert_grad_close(h.grad, h64.grad, dtype, what="dhidden")
+    assert torch.all(h.grad[y == -100] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
