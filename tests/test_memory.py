@@ -26,7 +26,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-N, D, V = 4096, 8, 65_536          # N×V = 268M elements (1 GiB fp32) if it ever existed
+N, D, V = 2048, 8, 32_768          # N×V = 67M elements (256 MiB fp32) if it ever existed
 CT, CV = 256, 2048                 # tile: 3 streams × 256 tokens × 2048 columns = 1.5M
 
 
