@@ -50,6 +50,8 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, 
     if validate:
         check_label_values(labels, weight.shape[0], ignore_index)
         check_finite(name, hidden)
+        if bias is not None:
+            check_finite("bias", bias)  # mask tokens with a large finite negative bias, not −inf
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -24,6 +24,7 @@ def _ok():
     ("temperature", ValueError, "temperature"),
     ("nan_hidden", ValueError, "NaN or inf"),
     ("bias_shape", ValueError, "bias must be"),
+    ("inf_bias", ValueError, "bias contains NaN or inf"),
     ("backend", ValueError, "backend must be one of"),
     ("not_tensor", TypeError, "hidden must be a torch.Tensor"),
 ])
@@ -50,6 +51,9 @@ def test_fused_linear_logprobs_errors(case, exc, pattern):
         h[1, 2] = float("nan")
     elif case == "bias_shape":
         kw["bias"] = torch.zeros(V + 1)
+    elif case == "inf_bias":
+        kw["bias"] = torch.zeros(V)
+        kw["bias"][3] = -float("inf")
     elif case == "backend":
         kw["backend"] = "cuda"
     elif case == "not_tensor":

@@ -14,8 +14,8 @@ g_t·∂lp_t/∂h_t for any per-token g: no logits are recomputed and the update
 like the naive path, instead of three.
 
 Per tile the logsumexp comes from torch's fused log_softmax kernel (max and Σexp in one vectorised
-sweep, ~5× faster on CPU than ``torch.logsumexp``): lse_tile = z_j − log_softmax(z)_j read at
-j = argmax z, where both terms are small and exact to fp32. Tiles are merged with logaddexp.
+sweep, ~5× faster on CPU than ``torch.logsumexp``): lse_tile = z_j − log_softmax(z)_j read at a
+column j whose logit is near the maximum (``_tile_lse``). Tiles are merged with logaddexp.
 
 The label's logit is not gathered from the tiles: it is the indexed dot h_t·W[y_t] (+ b[y_t]),
 computed once in fp32. In the backward the true-class term 1[v = y] − p_v is formed inside the fp32
@@ -59,6 +59,26 @@ def _log_softmax_into(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch._log_softmax(z, 1, False, out=out)
     except (AttributeError, RuntimeError, TypeError):  # an older/newer torch without the overload
         return torch.log_softmax(z, dim=1)
+
+
+ANCHOR_COLUMNS = 64   # where the cheap anchor for the tile's lse is looked for
+ANCHOR_FLOOR = -30.0  # log p of the anchor must stay above this, or the full argmax is used
+
+
+def _tile_lse(z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of the tile, read off log_softmax: lse = z_j − log p_j for any j.
+
+    Both terms are exact to fp32 when z_j is near the row's maximum, so j is the largest logit
+    among the first ANCHOR_COLUMNS columns (a 64-column argmax instead of a full sweep); rows
+    where that anchor is far below the maximum (masked or tiny logits there) take the full
+    argmax. That check is one host sync per tile (free on the CPU this backend is for).
+    """
+    top = z[:, :ANCHOR_COLUMNS].argmax(dim=1, keepdim=True)
+    anchor_log_p = log_p.gather(1, top)
+    if not bool((anchor_log_p > ANCHOR_FLOOR).all()):
+        top = z.argmax(dim=1, keepdim=True)
+        anchor_log_p = log_p.gather(1, top)
+    return (z.gather(1, top) - anchor_log_p).squeeze(1)
 
 
 def _tile_logits(h_scaled, weight, bias, v0, v1, inv_temp, cdtype, out):
@@ -107,8 +127,7 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
             v1 = min(v0 + cv, V)
             z = _tile_logits(h, weight, bias, v0, v1, inv_temp, cdtype, tiles.get(0, rows, v1 - v0))
             log_p = _log_softmax_into(z, tiles.get(1, rows, v1 - v0))
-            top = z.argmax(dim=1, keepdim=True)
-            tile_lse = (z.gather(1, top) - log_p.gather(1, top)).squeeze(1)
+            tile_lse = _tile_lse(z, log_p)
             new_lse = torch.logaddexp(run_lse, tile_lse)
             if with_entropy or grad_hidden:
                 # tile expectations, reweighted by the tile's share exp(lse_k − lse) of the mass

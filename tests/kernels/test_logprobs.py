@@ -89,6 +89,19 @@ def test_very_negative_logits(backend):
     assert_close(out.logprobs, truth, atol=2 * naive_err + 5e-5, what="logprobs")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_block(backend):
+    """The first 300 ids masked by a −1e4 bias (a tile whose first columns are all far below
+    the maximum): the torch backend's cheap lse anchor must fall back to the full argmax."""
+    h, w, y, _ = make_problem(20, 16, 1000, ignore_frac=0.0)
+    y = y.clamp_min(300)
+    b = torch.zeros(1000, device=DEVICE)
+    b[:300] = -1.0e4
+    out = fused_linear_logprobs(h, w, y, bias=b, return_entropy=True, backend=backend,
+                                chunk_vocab=512)
+    _check(out, h, w, y, b, 1.0, torch.float32)
+
+
 def test_torch_backend_at_qwen_vocabulary():
     V = 151_936
     h, w, y, _ = make_problem(6, 16, V, ignore_frac=0.0)
