@@ -75,22 +75,25 @@ def collate(
         raise ValueError("pass response_ids and response_mask together")
     if response_ids is not None and response_ids.shape[0] != len(prefixes):
         raise ValueError(f"{len(prefixes)} prefixes but {response_ids.shape[0]} responses")
+    # Built where the data already is (the responses' device, else the first prefix's), so GPU
+    # batches (e.g. TRL's) never round-trip through host memory.
+    device = (response_ids if response_ids is not None else prefixes[0].input_ids).device
     batch, width = len(prefixes), max(p.input_ids.numel() for p in prefixes)
-    ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    mm = torch.zeros(batch, width, dtype=torch.int32)
+    ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    mm = torch.zeros(batch, width, dtype=torch.int32, device=device)
     for row, p in enumerate(prefixes):
         n = p.input_ids.numel()
-        ids[row, width - n :] = p.input_ids
+        ids[row, width - n :] = p.input_ids.to(device)
         mask[row, width - n :] = 1
-        mm[row, width - n :] = p.mm_token_type_ids
+        mm[row, width - n :] = p.mm_token_type_ids.to(device)
     if response_ids is not None:
-        resp_mask = response_mask.long().cpu()
-        ids = torch.cat([ids, torch.where(resp_mask.bool(), response_ids.cpu(), pad_token_id)], 1)
+        resp_mask = response_mask.to(device=device, dtype=torch.long)
+        ids = torch.cat([ids, torch.where(resp_mask.bool(), response_ids, pad_token_id)], 1)
         mask = torch.cat([mask, resp_mask], dim=1)
         mm = torch.cat([mm, torch.zeros_like(resp_mask, dtype=torch.int32)], dim=1)
-    pixels = [p.pixel_values for p in prefixes if p.pixel_values is not None]
-    grids = [p.image_grid_thw for p in prefixes if p.image_grid_thw is not None]
+    pixels = [p.pixel_values.to(device) for p in prefixes if p.pixel_values is not None]
+    grids = [p.image_grid_thw.to(device) for p in prefixes if p.image_grid_thw is not None]
     return ModelInputs(
         input_ids=ids,
         attention_mask=mask,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -30,6 +32,7 @@ from cepo.batch import ModelInputs
 logger = logging.getLogger(__name__)
 
 TINY_ALIASES = {"tiny": "mini", "tiny-mini": "mini", "tiny-qwen": "qwen"}
+WARM_ALIAS = "tiny-warm"
 
 
 class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
@@ -68,7 +71,12 @@ def torchvision_available() -> bool:
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
-    """Map ``"tiny"``, ``"tiny-mini"``, ``"tiny-qwen"`` to a built tiny directory; pass others."""
+    """Map ``"tiny"``, ``"tiny-mini"``, ``"tiny-qwen"`` to a built tiny directory and
+    ``"tiny-warm"`` to the warmed-up one (`cepo.warmup`, the offline default); pass others."""
+    if name_or_path == WARM_ALIAS:
+        from cepo.warmup import build_warm_tiny
+
+        return str(build_warm_tiny())
     if name_or_path in TINY_ALIASES:
         from cepo.tiny import build_tiny_model
 
@@ -233,3 +241,31 @@ def response_hidden(model: torch.nn.Module, inputs: ModelInputs, response_len: i
         raise ValueError(f"response_len must be in [1, {length - 1}], got {response_len}")
     hidden = forward_hidden(model, inputs)  # [B, L, D]
     return hidden[:, length - response_len - 1 : length - 1]
+
+
+_PROCESSOR_FILES = (
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def save_processor_files(processor, source: str, directory: str | os.PathLike) -> None:
+    """Give a saved model directory its processor: the source checkpoint's own processor files
+    when it is a local directory (byte-identical, loadable by the stock processor), else
+    ``processor.save_pretrained``."""
+    src, dst = Path(source), Path(directory)
+    if src.is_dir():
+        for name in _PROCESSOR_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+    else:
+        processor.save_pretrained(dst)

@@ -138,12 +138,12 @@ def build_teacher_contexts(
         )
         chosen.append(wrong)
         base = prompt.prefix(with_images=config.teacher_images)
-        pos_prefix = base.extend(_hint_ids(tokenizer, config.hint_template, prompt.example.answer))
+        pos_prefix = base.extend(hint_ids(tokenizer, config.hint_template, prompt.example.answer))
         neg_prefixes = [pos_prefix] * config.num_neg  # placeholders: never scored without r-
         if wrong:
             cycled = [wrong[k % len(wrong)] for k in range(config.num_neg)]
             neg_prefixes = [
-                base.extend(_hint_ids(tokenizer, config.hint_template, a)) for a in cycled
+                base.extend(hint_ids(tokenizer, config.hint_template, a)) for a in cycled
             ]
         for _ in range(g):
             pos.append(pos_prefix)
@@ -153,7 +153,8 @@ def build_teacher_contexts(
     return TeacherContexts(pos, neg, torch.tensor(has_neg, dtype=torch.bool), chosen)
 
 
-def _hint_ids(tokenizer, template: str, answer: str) -> torch.Tensor:
+def hint_ids(tokenizer, template: str, answer: str) -> torch.Tensor:
+    """Token ids [H] of the hint ``template.format(answer=answer)`` (no special tokens)."""
     text = template.format(answer=answer) if template else ""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
     return torch.tensor(ids, dtype=torch.long)

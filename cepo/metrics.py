@@ -1,0 +1,203 @@
+"""Run logging: a JSON-lines file, optional TensorBoard and W&B, a progress bar, a summary.
+
+Only the main process writes. `metrics.jsonl` gets one object per training step (``{"step": k,
+...}``) and one per validation (``{"step": k, "val/accuracy": ...}``); a resumed run first drops
+the lines of steps after its checkpoint, so the file always reads like one uninterrupted run.
+TensorBoard and W&B are used when asked for and installed; asked for but missing, they are
+skipped with a warning (the JSON-lines file always exists).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends step metrics to ``<run_dir>/metrics.jsonl`` and mirrors them to TB / W&B."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "cepo",
+        run_name: str | None = None,
+        config: dict | None = None,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.history: list[dict[str, Any]] = []
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.history = truncate(self.path, resume_step) if resume_step else []
+        if not resume_step:
+            self.path.write_text("")
+        name = run_name or Path(run_dir).name
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                logger.warning("log.tensorboard=true but tensorboard is not installed; skipped")
+        if wandb:
+            try:
+                import wandb as wandb_lib
+
+                self._wandb = wandb_lib.init(
+                    project=wandb_project, name=name, config=config, resume="allow"
+                )
+            except ImportError:
+                logger.warning("log.wandb=true but wandb is not installed; skipped")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    return value
+
+
+def read(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the records of steps <= `last_step` (a resumed run re-does the later ones)."""
+    kept = [r for r in read(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over training steps (a no-op object when disabled or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def reduce_across(metrics: dict[str, float], accelerator) -> dict[str, float]:
+    """The mean of every metric over processes (max for ``*_max``, min for ``*_min``).
+
+    Each process holds whole groups and, with equal shares of prompts, equally many rollouts, so
+    means of per-process means are the global means.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return metrics
+    from accelerate.utils import gather_object
+
+    keys = sorted(set(gather_object(list(metrics))))  # a key may be missing on some process
+    values = torch.tensor([float(metrics.get(k, math.nan)) for k in keys], dtype=torch.float64,
+                          device=accelerator.device)
+    present = torch.isfinite(values)
+    gathered = accelerator.gather(torch.where(present, values, 0.0)[None]).view(-1, len(keys))
+    counts = accelerator.gather(present.double()[None]).view(-1, len(keys))
+    out = {}
+    for i, key in enumerate(keys):
+        column, seen = gathered[:, i], counts[:, i] > 0
+        if not seen.any():
+            out[key] = float("nan")
+        elif key.endswith("_max"):
+            out[key] = column[seen].max().item()
+        elif key.endswith("_min"):
+            out[key] = column[seen].min().item()
+        else:
+            out[key] = column[seen].mean().item()
+    return out
+
+
+def weight_stats(exp, eps_w: float) -> dict[str, float]:
+    """How often the CEPO weight w_t hit its clip (SPEC §2), over teacher-scored tokens."""
+    scores = exp.scores
+    mask = exp.response_mask.bool() & scores.teacher_scored[:, None]  # [N, T]
+    if not mask.any():
+        return {}
+    log_w = torch.sign(exp.advantages)[:, None] * scores.delta  # log of the unclipped w_t
+    high = (log_w > math.log1p(eps_w))[mask].float()
+    low = (log_w < math.log1p(-eps_w))[mask].float()
+    return {
+        "cepo/weight_clip_frac": (high + low).mean().item(),
+        "cepo/weight_clip_frac_high": high.mean().item(),
+        "cepo/weight_clip_frac_low": low.mean().item(),
+        "cepo/weight_mean": scores.weight[mask].mean().item(),
+    }
+
+
+def summarize(history: Iterable[dict[str, Any]], *, window: int = 3) -> dict[str, Any]:
+    """Start vs end of a run: mean training reward of the first and last `window` steps, and the
+    first and last validation accuracy/reward."""
+    train = [r for r in history if "reward/mean" in r]
+    val = [r for r in history if "val/accuracy" in r]
+    out: dict[str, Any] = {"steps": len(train)}
+    if train:
+        head, tail = train[:window], train[-window:]
+        for key in ("reward/mean", "reward/accuracy", "reward/format"):
+            out[f"{key} start"] = sum(r[key] for r in head) / len(head)
+            out[f"{key} end"] = sum(r[key] for r in tail) / len(tail)
+    if val:
+        for key in ("val/accuracy", "val/reward", "val/format"):
+            out[f"{key} start"] = val[0][key]
+            out[f"{key} end"] = val[-1][key]
+        out["val steps"] = (val[0]["step"], val[-1]["step"])
+    return out

@@ -1,0 +1,368 @@
+"""``python -m cepo.train``: the CEPO / RLSD / GRPO training loop.
+
+    python -m cepo.train                                   # offline tiny run on the CPU
+    python -m cepo.train --algo grpo --steps 10            # any option: --help lists them all
+    python -m cepo.train --config configs/paper_2b.yaml    # the paper's Qwen3-VL-2B run
+    python -m cepo.train --config configs/paper_2b.yaml --resume
+    accelerate launch --num_processes 8 -m cepo.train --config configs/paper_2b.yaml
+
+`main` sets up (config, accelerator, model, optimizer, data, resume) and runs a plain loop over
+training steps; `train_step` is one step read top to bottom. One step is one rollout batch
+(SPEC §4): λ, the lr and the prompts of step k are functions of k, so a resumed run continues
+exactly. Several processes each take whole prompt groups (prompts are sharded, not rollouts), so
+r- is chosen from a complete group without communication; the loss is an exact global token mean
+(cepo.update) and metrics are averaged over processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from cepo import checkpoint as ckpt
+from cepo.config import (
+    ConfigError,
+    TrainConfig,
+    build_config,
+    flatten,
+    help_text,
+    parse_args,
+    save_yaml,
+    to_dict,
+)
+from cepo.data import Example, iter_batches, load_split
+from cepo.eval import evaluate
+from cepo.experience import ExperienceConfig, default_grader, make_experience
+from cepo.lora import count_parameters, parameter_groups, prepare_trainable
+from cepo.metrics import MetricsWriter, progress_bar, reduce_across, summarize, weight_stats
+from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
+from cepo.rollout import HFRolloutEngine
+from cepo.schedule import lam_at, lr_at
+from cepo.update import PolicyLoss, check_replicas, ppo_update
+
+logger = logging.getLogger("cepo.train")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: object  # accelerate.Accelerator
+    model: torch.nn.Module  # the actor (peft or plain), unwrapped: rollouts, teachers, saving
+    policy: torch.nn.Module  # PolicyLoss around `model`, wrapped for DDP: the update
+    optimizer: torch.optim.Optimizer
+    processor: object
+    model_path: str  # the resolved base checkpoint
+    engine: HFRolloutEngine
+    experience: ExperienceConfig
+    train_set: list[Example]
+    val_set: list[Example]
+    writer: MetricsWriter
+    run_dir: Path
+    start_step: int
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One rollout batch: prompts → rollouts → rewards → Â → PPO update → metrics."""
+    cfg, clock = run.cfg, time.perf_counter()
+    seed_step(cfg.seed, step, run.rank)
+    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps)
+    lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, schedule=cfg.optim.schedule,
+               warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+    # 1. this process's share of the step's prompts: whole groups, so r- is chosen locally
+    examples = prompts_for_step(run.train_set, step, cfg.prompts_per_step, cfg.seed,
+                                run.rank, run.world)
+
+    # 2-4. G rollouts per prompt → rewards → GRPO advantages A → student and teacher log-probs
+    #      → Δ, w, Â, one fused kernel call per micro-batch (no teachers when λ = 0 or grpo)
+    exp = make_experience(run.model, run.processor, examples, lam=lam, config=run.experience,
+                          engine=run.engine, grader=default_grader(cfg.grader_timeout_s))
+
+    # 5. PPO on mini-batches: fused log-probs + dual-clip loss, accumulation, clipping, AdamW
+    update = ppo_update(run.policy, run.optimizer, exp, cfg.ppo, grad_clip=cfg.optim.grad_clip,
+                        accelerator=run.accelerator, generator=step_generator(cfg.seed, step))
+
+    # 6. metrics, averaged over processes
+    metrics = {**exp.metrics, **weight_stats(exp, cfg.cepo.eps_w), **update, "lr": lr}
+    generated = float(exp.response_mask.sum())
+    metrics["tokens/generated"] = generated
+    metrics["throughput/rollout_tok_s"] = generated / max(metrics["time/rollout"], 1e-9)
+    metrics["throughput/score_tok_s"] = generated / max(metrics["time/score"], 1e-9)
+    metrics["throughput/update_tok_s"] = update["tokens/update"] / max(update["time/update"], 1e-9)
+    metrics["time/step"] = time.perf_counter() - clock
+    return reduce_across(metrics, run.accelerator)
+
+
+def prompts_for_step(examples: list[Example], step: int, prompts_per_step: int, seed: int,
+                     rank: int = 0, world: int = 1) -> list[Example]:
+    """Step k's prompts (a function of k: shuffled epochs of whole batches), then this process's
+    contiguous share of them."""
+    per_epoch = len(examples) // prompts_per_step
+    epoch, index = divmod(step - 1, per_epoch)
+    batch = next(itertools.islice(
+        iter_batches(examples, prompts_per_step, seed=seed, epoch=epoch), index, None))
+    share = prompts_per_step // world
+    return batch[rank * share : (rank + 1) * share]
+
+
+def seed_step(seed: int, step: int, rank: int, salt: int = 0) -> None:
+    """Seed sampling from (seed, step, process): a resumed step samples like the original."""
+    torch.manual_seed(((seed * 1_000_003 + step) * 4099 + rank) * 7 + salt)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The mini-batch shuffle of a step, identical on every process."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, train, print a summary; returns the summary."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if parse_args(argv)[3]:
+            print(help_text())
+            return {}
+        cfg = build_config(argv)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # peft calls a transformers property renamed in 5.x; harmless, and printed once per process
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    started = time.perf_counter()
+    run = setup(cfg)
+    try:
+        train(run)
+    finally:
+        run.writer.close()
+    summary = {}
+    if run.is_main:
+        summary = finish(run, time.perf_counter() - started)
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def train(run: Run) -> None:
+    cfg = run.cfg
+    if run.start_step == 0 and cfg.val.before_train and cfg.val.every and run.val_set:
+        run.writer.log(0, validate(run, 0))
+    bar = progress_bar(cfg.steps, run.start_step, enabled=cfg.log.progress and run.is_main)
+    for step in range(run.start_step + 1, cfg.steps + 1):
+        metrics = train_step(run, step)
+        if due(step, cfg.val.every, cfg.steps) and run.val_set:
+            metrics.update(validate(run, step))
+        if due(step, cfg.checkpoint.every, cfg.steps, always_last=True):
+            metrics["time/checkpoint"] = save_checkpoint(run, step, metrics)
+        run.writer.log(step, metrics)
+        bar.update()
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", lam=f"{metrics['cepo/lambda']:.2f}")
+    bar.close()
+
+
+def due(step: int, every: int, last: int, *, always_last: bool = False) -> bool:
+    if every > 0 and (step % every == 0 or step == last):
+        return True
+    return always_last and step == last
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    """SPEC §7 validation sampling on the val split (every process scores a share)."""
+    cfg = run.cfg
+    seed_step(cfg.seed, step, run.rank, salt=1)  # its own stream: training sampling is untouched
+    return evaluate(
+        run.model, run.processor, run.val_set,
+        temperature=cfg.val.temperature, top_p=cfg.val.top_p,
+        max_new_tokens=cfg.val.max_new_tokens or cfg.rollout.max_new_tokens,
+        max_prompt_tokens=cfg.rollout.max_prompt_tokens, batch_size=cfg.val.batch_size,
+        grader=default_grader(cfg.grader_timeout_s), accelerator=run.accelerator,
+    )
+
+
+def save_checkpoint(run: Run, step: int, metrics: dict[str, float]) -> float:
+    """Write step `step` atomically (see cepo.checkpoint); returns the seconds it took."""
+    clock, cfg, acc = time.perf_counter(), run.cfg, run.accelerator
+    check_replicas(run.model, acc)
+    if run.is_main:
+        ckpt.begin(run.run_dir, step)
+    acc.wait_for_everyone()
+    tmp = ckpt.staging_dir(run.run_dir, step)
+    ckpt.save_rng(tmp, run.rank)
+    if run.is_main:
+        ckpt.save_model(run.model, tmp)
+        if not cfg.lora.enabled:  # a full model: make the directory loadable on its own
+            save_processor_files(run.processor, run.model_path, tmp)
+        save_yaml(cfg, tmp / "config.yaml")
+        if cfg.checkpoint.save_optimizer:
+            ckpt.save_optimizer(run.optimizer, tmp)
+    acc.wait_for_everyone()
+    if run.is_main:
+        state = {"world_size": run.world, "lambda": metrics.get("cepo/lambda"),
+                 "lr": metrics.get("lr"), "reward": metrics.get("reward/mean")}
+        ckpt.commit(run.run_dir, step, state, cfg.checkpoint.keep_last)
+    acc.wait_for_everyone()
+    return time.perf_counter() - clock
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Accelerator, model (+ LoRA), optimizer, data, metrics writer, and the resume point."""
+    accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"config error: prompts_per_step={cfg.prompts_per_step} must be a "
+                         f"multiple of the number of processes ({world}): groups stay whole")
+    run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+    torch.manual_seed(cfg.seed)  # same LoRA init on every process
+    with accelerator.main_process_first():  # the first process builds "tiny-warm", others reuse
+        model_path = resolve_checkpoint(cfg.model.name)
+        processor = load_processor(model_path)
+    dtype = DTYPES.get(cfg.model.dtype)  # None ("auto"): bf16 on GPU, fp32 on CPU
+    model = load_model(model_path, device=accelerator.device, dtype=dtype,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                       attn_implementation=cfg.model.attn_implementation)
+    model = prepare_trainable(model, cfg.lora, cfg.model)
+    model.train()
+    trainable, total = count_parameters(model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
+    policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
+                           seed=cfg.seed)
+    if len(train_set) < cfg.prompts_per_step:
+        raise SystemExit(f"config error: {len(train_set)} training examples, fewer than "
+                         f"prompts_per_step={cfg.prompts_per_step}")
+    val_set = []
+    if cfg.val.every or cfg.val.before_train:
+        val_set = load_split(cfg.data.val or cfg.data.train, cfg.data.val_split,
+                             limit=cfg.data.val_limit, seed=cfg.seed)
+
+    start_step = resume(cfg, run_dir, model, optimizer, accelerator) if cfg.resume else 0
+    if accelerator.is_main_process:
+        save_yaml(cfg, run_dir / "config.yaml")
+        logger.info("%s on %s x%d: %s, %s trainable of %s parameters; %d train / %d val examples",
+                    cfg.algo, accelerator.device, world, model_path, f"{trainable:,}",
+                    f"{total:,}", len(train_set), len(val_set))
+    writer = MetricsWriter(run_dir, enabled=accelerator.is_main_process, resume_step=start_step,
+                           tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                           wandb_project=cfg.log.wandb_project, run_name=cfg.log.run_name,
+                           config=to_dict(cfg))
+    experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
+                                  grader_timeout_s=cfg.grader_timeout_s,
+                                  kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
+                                  teacher=cfg.teacher)
+    return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
+               HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
+               run_dir, start_step)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("config error: device='cuda' but no CUDA device is available")
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    kind = accelerator.distributed_type.value
+    if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
+        raise SystemExit(
+            f"config error: accelerate distributed_type={kind} is not supported: rollouts run HF "
+            "generate on whole (unsharded) weights. Use DDP (configs/accelerate/ddp_8gpu.yaml; "
+            "LoRA on 2B/4B fits one GPU per process, see README)."
+        )
+    return accelerator
+
+
+def resume(cfg: TrainConfig, run_dir: Path, model, optimizer, accelerator) -> int:
+    """Load the latest checkpoint of `run_dir` into model and optimizer; returns its step."""
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        if accelerator.is_main_process:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+        return 0
+    saved = flatten(yaml.safe_load((found / "config.yaml").read_text()))
+    volatile = ("steps", "resume", "log.", "checkpoint.", "val.", "num_threads")
+    changed = {k: (v, saved.get(k)) for k, v in flatten(to_dict(cfg)).items()
+               if saved.get(k) != v and not k.startswith(volatile)}
+    if changed and accelerator.is_main_process:
+        logger.warning("resuming with settings that differ from the checkpoint's (now, then): %s",
+                       changed)
+    ckpt.load_weights(model, found)
+    if cfg.checkpoint.save_optimizer:
+        ckpt.load_optimizer(optimizer, found)
+    ckpt.load_rng(found, accelerator.process_index)
+    step = ckpt.read_state(found)["step"]
+    if accelerator.is_main_process:
+        logger.info("resumed from %s (step %d)", found, step)
+    return step
+
+
+def finish(run: Run, seconds: float) -> dict:
+    """Print and save the run's summary: reward at start vs end, where things are."""
+    summary = summarize(run.writer.history)
+    latest = ckpt.latest_checkpoint(run.run_dir)
+    summary.update({"wall_time_s": round(seconds, 1), "checkpoint": str(latest),
+                    "metrics": str(run.writer.path), "algo": run.cfg.algo})
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"\n{run.cfg.algo} run done: {summary['steps']} steps; this session took "
+             f"{seconds / 60:.1f} min (set-up included)"]
+    for key, label in (("reward/mean", "train reward"), ("reward/accuracy", "train accuracy"),
+                       ("reward/format", "train format"), ("val/accuracy", "val accuracy"),
+                       ("val/format", "val format")):
+        if f"{key} start" in summary:
+            lines.append(f"  {label:15s} {summary[f'{key} start']:.3f} -> "
+                         f"{summary[f'{key} end']:.3f}")
+    lines += [f"  checkpoint      {latest}", f"  metrics         {run.writer.path}",
+              f"  evaluate        python -m cepo.eval --checkpoint {run.run_dir}"]
+    if run.cfg.lora.enabled:
+        lines.append(f"  merge LoRA      python -m cepo.lora --checkpoint {run.run_dir} "
+                     f"--output {run.run_dir / 'merged'}")
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The offline default's starting model: the tiny Qwen3-VL briefly taught the synthetic task.
+
+A random tiny model never boxes an answer, so every group has equal rewards, A = 0 everywhere and
+RL has nothing to learn from. A short supervised warm-up on the synthetic train split fixes that:
+
+  * every target states the answer, half of them inside ``\\boxed{}`` and half without
+    ("The answer is \\boxed{7}." / "The answer is 7."), so from the first RL step groups mix
+    rewards 0, 0.1 and 1.0, and the format rate has room to rise;
+  * a few hundred steps teach what can be read off the 64x64 images only in part (the shaded
+    area best, the drawn numbers hardly), so groups hold both right and wrong answers;
+  * one target in three follows a teacher hint (the prompt, then ``" {answer}"`` as the assistant
+    turn's first tokens, SPEC §5) and repeats the hinted answer, right or wrong, so r+ and r-
+    teachers disagree on the answer tokens as a large instruction-tuned model's would, and the
+    CEPO weights carry signal instead of noise.
+
+The result is a full checkpoint (model + processor), built deterministically for a seed and cached
+like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
+``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
+a minute on 2 CPU cores. Build it ahead of time with::
+
+    python -m cepo.warmup [--dir DIR] [--steps N] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_RECIPE_VERSION = 1
+_STAMP = "cepo_warmup.json"
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    steps: int = 400  # AdamW steps of `batch_size` examples
+    batch_size: int = 32
+    lr: float = 3e-3  # peak lr, cosine to 10% after 20 warm-up steps
+    boxed_fraction: float = 0.5  # targets with the answer inside \boxed{}
+    hint_fraction: float = 1 / 3  # targets that follow a teacher hint
+    seed: int = 0  # tiny model init, target choices, batch order
+
+
+def default_warm_dir() -> Path:
+    root = Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
+    return root / f"tiny-qwen3-vl-mini-warm-v{_RECIPE_VERSION}"
+
+
+def build_warm_tiny(
+    directory: str | os.PathLike | None = None,
+    config: WarmupConfig | None = None,
+    *,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build (or reuse) the warmed-up tiny Qwen3-VL in `directory`; returns the directory.
+
+    `base` is the random tiny model to start from (default: `cepo.tiny.build_tiny_model`'s
+    cached one). Written to a temporary sibling and renamed into place, so concurrent processes
+    (several trainer ranks, test workers) never load a half-written checkpoint.
+    """
+    config = config or WarmupConfig()
+    target = Path(directory) if directory is not None else default_warm_dir()
+    stamp = {"recipe": _RECIPE_VERSION, **asdict(config)}
+    if not overwrite and _read_stamp(target) == stamp:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    threads = torch.get_num_threads()
+    # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        _warm_up(staging, config, base)
+        (staging / _STAMP).write_text(json.dumps(stamp))
+        if target.exists():
+            if not overwrite and _read_stamp(target) == stamp:  # another process won the race
+                return target
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        logger.info("tiny-warm model written to %s", target)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _read_stamp(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / _STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None) -> None:
+    from cepo.batch import collate
+    from cepo.data import encode_prompt, synthetic_dataset
+    from cepo.models import (
+        load_model,
+        load_processor,
+        output_head,
+        response_hidden,
+        save_processor_files,
+    )
+    from cepo.teachers import hint_ids
+    from cepo.tiny import build_tiny_model
+    from cepo_kernels import fused_linear_logprobs
+
+    clock = time.perf_counter()
+    logger.info("building the warmed-up tiny model (first use only; about a minute on 2 cores)")
+    if base is None:
+        base = build_tiny_model(vocab="mini", seed=config.seed)
+    processor = load_processor(str(base))
+    tokenizer = processor.tokenizer
+    torch.manual_seed(config.seed)
+    model = load_model(str(base), device="cpu", dtype=torch.float32).train()
+    prompts = [encode_prompt(processor, e) for e in synthetic_dataset("train", seed=config.seed)]
+    rng = random.Random(f"cepo-warmup/{config.seed}")
+    by_kind: dict[int, list[str]] = {}
+    for i, p in enumerate(prompts):
+        by_kind.setdefault(i % 4, []).append(p.example.answer)  # the four synthetic kinds
+
+    def row(i: int):
+        """(prefix, target text) of one training example, drawn afresh each time it is used."""
+        prompt = prompts[i]
+        answer, prefix = prompt.example.answer, prompt.prefix()
+        if rng.random() < config.hint_fraction:
+            # a teacher context: the hint's answer (right half the time) is the one to repeat
+            answer = answer if rng.random() < 0.5 else rng.choice(by_kind[i % 4])
+            prefix = prefix.extend(hint_ids(tokenizer, " {answer}", answer))
+        boxed = rng.random() < config.boxed_fraction
+        text = f"The answer is \\boxed{{{answer}}}." if boxed else f"The answer is {answer}."
+        return prefix, tokenizer(text, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    order: list[int] = []
+    for step in range(config.steps):
+        warm = min(1.0, (step + 1) / 20)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warm * cosine
+        if len(order) < config.batch_size:
+            order += rng.sample(range(len(prompts)), len(prompts))
+        batch, order = order[: config.batch_size], order[config.batch_size :]
+        rows = [row(i) for i in batch]
+        width = max(len(ids) for _, ids in rows)
+        response = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, T]
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, (_, ids) in enumerate(rows):
+            response[r, : len(ids)], mask[r, : len(ids)] = torch.tensor(ids), 1
+        inputs = collate([p for p, _ in rows], tokenizer.pad_token_id, response, mask)
+        hidden = response_hidden(model, inputs, width)  # [B, T, D]
+        weight, bias = output_head(model)
+        labels = response.masked_fill(mask == 0, -100)
+        logprobs = fused_linear_logprobs(hidden, weight, labels, bias=bias).logprobs
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == config.steps - 1:
+            logger.info("warm-up step %d/%d: loss %.3f", step + 1, config.steps, loss.item())
+    model.eval()
+    model.save_pretrained(directory)
+    save_processor_files(processor, str(base), directory)  # as built, byte for byte
+    logger.info("warm-up done in %.0fs", time.perf_counter() - clock)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cepo.warmup",
+                                     description="Build the warmed-up tiny Qwen3-VL (offline).")
+    parser.add_argument("--dir", default=None, help=f"output (default {default_warm_dir()})")
+    parser.add_argument("--steps", type=int, default=WarmupConfig.steps)
+    parser.add_argument("--seed", type=int, default=WarmupConfig.seed)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = build_warm_tiny(
+        args.dir, WarmupConfig(steps=args.steps, seed=args.seed), overwrite=args.overwrite
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The training config: presets = SPEC §7, layers (preset → YAML → CLI), coercion, errors, help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cepo import config as C
+from cepo.config import ConfigError, build_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_paper_preset_is_spec_section_7():
+    cfg = C.finalize(C.paper())
+    assert (cfg.model.name, cfg.data.train, cfg.data.train_split, cfg.data.val_split) == (
+        "Qwen/Qwen3-VL-2B-Instruct", "hiyouga/geometry3k", "train", "test")
+    assert (cfg.steps, cfg.prompts_per_step, cfg.rollout.group_size, cfg.ppo.mini_batches) == (
+        50, 32, 8, 2)
+    assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens) == (768, 2048)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.0)
+    assert cfg.lora.target_modules == ("all-linear",) and cfg.lora.exclude_modules == r".*visual.*"
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.lr) == (0.01, 1.0, 5e-6)
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("cosine", 5)
+    assert (cfg.cepo.lam0, cfg.cepo.lam_warmup_steps, cfg.cepo.eps_w) == (0.5, 25, 0.5)
+    assert (cfg.ppo.clip_low, cfg.ppo.clip_high, cfg.ppo.clip_dual) == (0.2, 0.28, 3.0)
+    assert cfg.ppo.aggregation == "token-mean"
+    assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
+    assert (cfg.val.temperature, cfg.val.top_p, cfg.val.every) == (0.6, 0.95, 5)
+
+
+def test_reference_preset_differs_only_where_spec_says():
+    paper, ref = C.to_dict(C.finalize(C.paper())), C.to_dict(C.finalize(C.reference()))
+    diff = {k for k, v in C.flatten(ref).items() if C.flatten(paper)[k] != v}
+    assert diff == {"preset", "lora.alpha", "optim.schedule", "optim.warmup_steps",
+                    "cepo.eps_w", "output_dir"}
+    assert (ref["lora"]["alpha"], ref["optim"]["schedule"], ref["cepo"]["eps_w"]) == (
+        64.0, "constant", 0.2)
+
+
+@pytest.mark.parametrize("algo, lr", [("cepo", 5e-6), ("grpo", 1e-6), ("rlsd", 1e-6)])
+def test_lr_follows_the_algorithm_unless_given(algo, lr):
+    cfg = build_config(["--config", str(CONFIGS / "paper_2b.yaml"), "--algo", algo])
+    assert cfg.optim.lr == lr and cfg.output_dir == f"runs/qwen3vl-2b-{algo}"
+    assert build_config(["--config", str(CONFIGS / "paper_2b.yaml"), "--algo", algo,
+                         "--lr", "3e-6"]).optim.lr == 3e-6
+
+
+def test_no_arguments_is_the_offline_run_and_matches_configs_tiny_cpu():
+    cfg = build_config([])
+    assert cfg.model.name == "tiny-warm" and cfg.data.train == "synthetic"
+    assert cfg.preset == "paper" and cfg.output_dir == "runs/tiny-cepo"
+    assert cfg.cepo == C.paper().cepo and cfg.ppo.clip_high == 0.28  # method settings kept
+    assert build_config(["--config", str(CONFIGS / "tiny_cpu.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("name", ["paper_2b.yaml", "paper_4b.yaml", "reference_2b.yaml",
+                                  "tiny_cpu.yaml"])
+def test_shipped_configs_load(name):
+    cfg = build_config(["--config", str(CONFIGS / name)])
+    assert cfg.preset == ("reference" if name.startswith("reference") else "paper")
+    if name.startswith("paper_4b"):
+        assert cfg.model.name == "Qwen/Qwen3-VL-4B-Instruct"
+
+
+def test_overrides_dotted_short_and_typed():
+    cfg = build_config([
+        "--rollout.group_size=4", "--lam0", "0.3", "--resume", "--steps", "7",
+        "--lora.target_modules", "q_proj,v_proj", "--data.val_limit", "none",
+        "--optim.lr", "1", "--optim.betas", "0.8,0.9", "--model.name", "tiny",
+        "--prompts-per-step", "16",
+        "--preset", "reference",
+    ])
+    assert cfg.rollout.group_size == 4 and cfg.cepo.lam0 == 0.3 and cfg.resume is True
+    assert cfg.steps == 7 and cfg.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.data.val_limit is None and cfg.optim.lr == 1.0 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.name == "tiny" and cfg.prompts_per_step == 16
+    assert cfg.lora.alpha == 64.0  # the reference preset underneath
+
+
+def test_yaml_layers_and_preset_key(tmp_path):
+    first = tmp_path / "a.yaml"
+    first.write_text("preset: reference\nsteps: 3\nrollout:\n  group_size: 2\n")
+    second = tmp_path / "b.yaml"
+    second.write_text("rollout.group_size: 6\n")
+    cfg = build_config(["--config", str(first), "--config", str(second), "--steps", "4"])
+    assert (cfg.preset, cfg.steps, cfg.rollout.group_size, cfg.cepo.eps_w) == (
+        "reference", 4, 6, 0.2)
+    saved = tmp_path / "saved.yaml"
+    C.save_yaml(cfg, saved)
+    assert C.from_yaml(saved) == cfg
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--algo", "ppo"], ["algo", "'ppo'", "cepo, rlsd, grpo"]),
+    (["--cepo.eps_w", "1.5"], ["cepo.eps_w", "1.5", "[0, 1)"]),
+    (["--steps", "abc"], ["steps", "'abc'", "integer"]),
+    (["--steps", "2.5"], ["steps", "integer"]),
+    (["--resume", "maybe"], ["resume", "'maybe'", "true or false"]),
+    (["--lr", "-1"], ["optim.lr", "-1.0", "> 0"]),
+    (["--rollout.group_size", "0"], ["rollout", "group_size", "0"]),
+    (["--teacher.neg_choice", "best"], ["neg_choice", "best", "worst"]),
+    (["--ppo.aggregation", "sum"], ["aggregation", "'sum'", "token-mean"]),
+    (["--lamda0", "1"], ["unknown option", "lamda0", "cepo.lam0"]),
+    (["--micro_batch_size", "4"], ["ambiguous", "ppo.micro_batch_size",
+                                   "teacher.micro_batch_size"]),
+    (["--preset", "huge"], ["preset", "huge", "paper, reference"]),
+    (["positional"], ["unexpected argument"]),
+])
+def test_invalid_values_name_key_value_and_allowed(argv, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_train_main_rejects_bad_config_at_start_up(capsys):
+    from cepo.train import main
+
+    with pytest.raises(SystemExit, match="config error: algo='ppo'"):
+        main(["--algo", "ppo"])
+
+
+def test_help_lists_every_option_with_default(capsys):
+    from cepo.train import main
+
+    assert main(["--help"]) == {}
+    text = capsys.readouterr().out
+    for key in C.option_types():
+        assert f"--{key} " in text, key
+    assert "--steps (int)" in text and "50  [30]" in text  # paper default, offline default
+    assert "λ at step 1 (SPEC §4)" in text  # the why, from the source comments

@@ -1,0 +1,179 @@
+"""End to end: `python -m cepo.train` on the tiny model, per algorithm, resumed, on 2 processes,
+then evaluated and merged. Tiny settings (4 prompts x 4 rollouts, 12 new tokens) keep each run
+to a few seconds on the CPU; the starting model is a short version of the offline default's
+warm-up, so groups mix right, wrong and unformatted answers from the first step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cepo.train as train_module
+from cepo import checkpoint as ckpt
+from cepo.metrics import read
+from cepo.warmup import WarmupConfig, build_warm_tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+VOLATILE = ("time/", "throughput/")  # wall-clock numbers differ between any two runs
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tmp_path_factory, tiny_dir) -> str:
+    path = tmp_path_factory.mktemp("warm") / "tiny-warm"
+    return str(build_warm_tiny(path, WarmupConfig(steps=150), base=tiny_dir))
+
+
+def _args(warm_dir, out, algo="cepo", steps=2, **extra) -> list[str]:
+    args = {
+        "model.name": warm_dir, "algo": algo, "steps": steps, "output_dir": out,
+        "prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
+        "data.train_limit": 32, "data.val_limit": 8, "val.every": 2, "checkpoint.every": 1,
+        "teacher.micro_batch_size": 16, "ppo.micro_batch_size": 8, "optim.lr": 2e-3,
+        "optim.warmup_steps": 1, "log.progress": False, "num_threads": 1, **extra,
+    }
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, warm_dir):
+    """algo -> run directory of a finished 2-step run (each trained once per module)."""
+    done = {}
+
+    def get(algo: str) -> Path:
+        if algo not in done:
+            out = tmp_path_factory.mktemp(f"run-{algo}")
+            # grpo trains the full model, so full fine-tuning is covered end to end too
+            extra = {"lora.enabled": False} if algo == "grpo" else {}
+            summary = train_module.main(_args(warm_dir, str(out), algo, **extra))
+            assert summary["steps"] == 2 and summary["algo"] == algo
+            done[algo] = out
+        return done[algo]
+
+    return get
+
+
+@pytest.mark.parametrize("algo", ["cepo", "rlsd", "grpo"])
+def test_two_step_run(runs, algo):
+    out = runs(algo)
+    records = read(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "val/accuracy" in records[0] and "val/accuracy" in records[2]
+    first = records[1]
+    for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length",
+                "cepo/lambda", "lr", "ppo/loss", "ppo/clip_frac", "ppo/grad_norm",
+                "time/rollout", "time/score", "time/update", "throughput/rollout_tok_s"):
+        assert key in first, key
+    # mixed groups from the first step: non-zero advantages to learn from
+    assert first["rollout/mixed_groups"] > 0 and first["cepo/adv_pre"] > 0
+    assert first["lr"] == pytest.approx(2e-3)  # one warm-up step
+    teachers = [r for r in records[1:] if "cepo/delta_mean" in r]
+    if algo == "grpo":
+        assert first["cepo/lambda"] == 0.0 and not teachers
+    else:
+        assert first["cepo/lambda"] == 0.5 and records[2]["cepo/lambda"] == 0.48
+        assert teachers and "cepo/weight_clip_frac" in teachers[0]
+        assert first["cepo/adv_post"] != first["cepo/adv_pre"]  # the teachers reweighted Â
+    latest = ckpt.latest_checkpoint(out)
+    assert latest.name == "step-000002"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000001", "step-000002"]
+    weights = "model.safetensors" if algo == "grpo" else "adapter_model.safetensors"
+    for name in (weights, "optimizer.pt", "config.yaml", "trainer_state.json", "rng/rank-0.pt"):
+        assert (latest / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(latest)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, warm_dir, monkeypatch):
+    """Crash after the step-2 checkpoint, resume: steps 3-4 match an uninterrupted run."""
+    extra = {"checkpoint.every": 2, "val.every": 0, "ppo.shuffle": True}
+    straight = tmp_path / "straight"
+    train_module.main(_args(warm_dir, str(straight), steps=4, **extra))
+
+    crashed = tmp_path / "crashed"
+    real_step = train_module.train_step
+
+    def crash_at_3(run, step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(run, step)
+
+    monkeypatch.setattr(train_module, "train_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.main(_args(warm_dir, str(crashed), steps=4, **extra))
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert [r["step"] for r in read(crashed / "metrics.jsonl")] == [1, 2]
+    train_module.main(_args(warm_dir, str(crashed), steps=4, resume=True, **extra))
+
+    a, b = read(straight / "metrics.jsonl"), read(crashed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key, value in ra.items():
+            if not key.startswith(VOLATILE):
+                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert b[2]["cepo/lambda"] == pytest.approx(0.5 * (1 - 2 / 25))  # λ continues
+    from safetensors.torch import load_file
+
+    wa = load_file(ckpt.latest_checkpoint(straight) / "adapter_model.safetensors")
+    wb = load_file(ckpt.latest_checkpoint(crashed) / "adapter_model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=1e-5)
+
+
+def test_eval_and_merge_a_saved_run(runs, tmp_path, model, encoded):
+    from peft import PeftModel
+
+    from cepo.batch import collate
+    from cepo.config import from_yaml
+    from cepo.eval import main as eval_main
+    from cepo.lora import merge_adapter
+    from cepo.models import load_model, response_hidden
+
+    out = runs("cepo")
+    result = eval_main(["--checkpoint", str(out), "--limit", "4", "--max_new_tokens", "8",
+                        "--device", "cpu"])
+    assert result["val/examples"] == 4 and 0 <= result["val/accuracy"] <= 1
+    assert (ckpt.latest_checkpoint(out) / "eval.json").is_file()
+
+    merged_dir = merge_adapter(out, tmp_path / "merged")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "cepo_config.yaml"):
+        assert (merged_dir / name).is_file(), name
+    merged = load_model(str(merged_dir), device="cpu")
+    base = load_model(from_yaml(out / "config.yaml").model.name, device="cpu")
+    adapted = PeftModel.from_pretrained(base, str(ckpt.latest_checkpoint(out))).eval()
+    batch = collate([encoded[0].prefix()], 0)
+    with torch.no_grad():
+        want = response_hidden(adapted, batch, 3)
+        got = response_hidden(merged, batch, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes(tmp_path, warm_dir):
+    """torchrun, 2 CPU processes (gloo): each rolls out whole groups of its own prompts."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cepo.train", *_args(warm_dir, str(out))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x2:" in proc.stdout + proc.stderr  # "cepo on cpu:0 x2: ..."
+    latest = ckpt.latest_checkpoint(out)
+    assert ckpt.read_state(latest)["world_size"] == 2
+    assert (latest / "rng" / "rank-0.pt").is_file() and (latest / "rng" / "rank-1.pt").is_file()
+    records = read(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["rollout/mixed_groups"] > 0 and records[2]["val/examples"] == 8
+
+
+def test_warm_model_is_cached(warm_dir):
+    """A second build with the same recipe is a cache hit (the stamp matches), not a rebuild."""
+    import time
+
+    clock = time.perf_counter()
+    assert str(build_warm_tiny(warm_dir, WarmupConfig(steps=150))) == warm_dir
+    assert time.perf_counter() - clock < 1.0

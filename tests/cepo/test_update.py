@@ -1,0 +1,74 @@
+"""The PPO update: an exact mini-batch loss however the rollouts are split into micro-batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cepo.config import PPOConfig
+from cepo.experience import ExperienceConfig, make_experience
+from cepo.rollout import RolloutConfig
+from cepo.teachers import TeacherConfig
+from cepo.update import PolicyLoss, check_replicas, ppo_update
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def experience(model, processor, examples, grader):
+    from tests.cepo.conftest import ScriptedRolloutEngine, mixed_script
+
+    config = ExperienceConfig(rollout=RolloutConfig(group_size=4, max_new_tokens=12),
+                              teacher=TeacherConfig(micro_batch_size=8))
+    return make_experience(model, processor, examples[:3], lam=0.5, config=config,
+                           engine=ScriptedRolloutEngine(processor, mixed_script), grader=grader)
+
+
+def _update(model, experience, accelerator, **ppo):
+    actor = copy.deepcopy(model).train()
+    before = [p.detach().clone() for p in actor.parameters()]
+    policy = PolicyLoss(actor, PPOConfig(**ppo))
+    optimizer = torch.optim.SGD(actor.parameters(), lr=1.0)  # the step is minus the gradient
+    metrics = ppo_update(policy, optimizer, experience, PPOConfig(**ppo), grad_clip=0.0,
+                         accelerator=accelerator)
+    return [p.detach() - b for p, b in zip(actor.parameters(), before)], metrics
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean",
+                                         "seq-mean-token-sum-norm"])
+def test_micro_batches_do_not_change_the_step(model, experience, accelerator, aggregation):
+    # 12 rollouts of different lengths: one forward of all of them vs micro-batches of 5 (5+5+2,
+    # each trimmed to its own longest response). SPEC §3: the loss is a mean over the whole
+    # mini-batch, so the update must not depend on the split.
+    assert experience.token_advantages.abs().sum() > 0
+    whole, m1 = _update(model, experience, accelerator, aggregation=aggregation,
+                        mini_batches=1, micro_batch_size=12)
+    split, m2 = _update(model, experience, accelerator, aggregation=aggregation,
+                        mini_batches=1, micro_batch_size=5)
+    assert max(d.abs().max() for d in whole) > 0
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    assert m1["ppo/loss"] == pytest.approx(m2["ppo/loss"], rel=1e-5, abs=1e-7)
+    assert m1["ppo/optimizer_steps"] == 1.0
+
+
+def test_mini_batches_are_optimizer_steps(model, experience, accelerator):
+    _, metrics = _update(model, experience, accelerator, mini_batches=2, micro_batch_size=4)
+    assert metrics["ppo/optimizer_steps"] == 2.0
+    assert metrics["tokens/update"] == float(experience.response_mask.sum())
+    for key in ("ppo/clip_frac", "ppo/dual_clip_frac", "ppo/approx_kl", "ppo/ratio_max",
+                "ppo/grad_norm", "time/update"):
+        assert key in metrics
+    # the second mini-batch is scored by the updated policy: its ratios leave 1
+    assert metrics["ppo/ratio_max"] >= 1.0 and metrics["ppo/ratio_min"] <= 1.0
+
+
+def test_replica_check_is_a_no_op_on_one_process(model, accelerator):
+    check_replicas(model, accelerator)
