@@ -18,12 +18,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from cepo.cache import build_once
 
 # Qwen3-VL's special tokens, in id order right after the BPE vocabulary (151643.. in Qwen3-VL).
 SPECIAL_TOKENS = (
@@ -123,29 +123,9 @@ def build_tiny_model(
         raise ValueError(f"vocab must be 'mini' or 'qwen', got {vocab!r}")
     target = Path(directory) if directory is not None else default_tiny_dir(vocab)
     stamp = {"recipe": _RECIPE_VERSION, "vocab": vocab, "seed": seed}
-    if not overwrite and _read_stamp(target) == stamp:
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _write_checkpoint(staging, vocab=vocab, seed=seed)
-        (staging / _STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            if not overwrite and _read_stamp(target) == stamp:  # another process won the race
-                return target
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _read_stamp(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / _STAMP).read_text())
-    except (OSError, ValueError):
-        return None
+    return build_once(target, stamp, _STAMP,
+                      lambda staging: _write_checkpoint(staging, vocab=vocab, seed=seed),
+                      overwrite=overwrite)
 
 
 def _write_checkpoint(directory: Path, *, vocab: Vocab, seed: int) -> None:

@@ -24,18 +24,17 @@ a minute on 2 CPU cores. Build it ahead of time with::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from cepo.cache import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -74,33 +73,18 @@ def build_warm_tiny(
     config = config or WarmupConfig()
     target = Path(directory) if directory is not None else default_warm_dir()
     stamp = {"recipe": _RECIPE_VERSION, **asdict(config)}
-    if not overwrite and _read_stamp(target) == stamp:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    threads = torch.get_num_threads()
-    # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy machine.
-    torch.set_num_threads(1)
-    try:
-        _warm_up(staging, config, base)
-        (staging / _STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            if not overwrite and _read_stamp(target) == stamp:  # another process won the race
-                return target
-            shutil.rmtree(target)
-        os.replace(staging, target)
+
+    def write(staging: Path) -> None:
+        threads = torch.get_num_threads()
+        # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy machine.
+        torch.set_num_threads(1)
+        try:
+            _warm_up(staging, config, base)
+        finally:
+            torch.set_num_threads(threads)
         logger.info("tiny-warm model written to %s", target)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
-
-def _read_stamp(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / _STAMP).read_text())
-    except (OSError, ValueError):
-        return None
+    return build_once(target, stamp, _STAMP, write, overwrite=overwrite)
 
 
 def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None) -> None:
