@@ -451,13 +451,35 @@ def main(argv=None) -> int:
     p.add_argument("dir", type=Path, help="a results folder (results.csv + meta.json)")
     p.add_argument("--prefix", default="", help="prefix for image links, e.g. bench/results/X/")
     p.add_argument("--plots", action="store_true", help="also redraw the PNGs")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="write into this README between the bench markers instead of stdout")
     args = p.parse_args(argv)
     rows = read_csv(args.dir / "results.csv")
     meta = json.loads((args.dir / "meta.json").read_text())
     if args.plots:
         plot(rows, args.dir)
-    sys.stdout.write(markdown(rows, meta, img_prefix=args.prefix))
+    text = markdown(rows, meta, img_prefix=args.prefix)
+    if args.readme is None:
+        sys.stdout.write(text)
+    else:
+        write_readme_section(args.readme, text)
     return 0
+
+
+README_BEGIN = "<!-- bench:begin (python -m bench.report ... --readme) -->"
+README_END = "<!-- bench:end -->"
+
+
+def write_readme_section(readme: Path, text: str) -> None:
+    """Replace the README's generated benchmark section (between the markers) with ``text``,
+    its headings pushed one level down, so the README table always comes from the results."""
+    doc = readme.read_text()
+    if README_BEGIN not in doc or README_END not in doc:
+        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} markers")
+    body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    head, rest = doc.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":

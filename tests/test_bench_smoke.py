@@ -144,3 +144,14 @@ def test_harness_writes_csv_markdown_meta(tmp_path):
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "memory_vs_n.png").stat().st_size > 0
         assert (tmp_path / "time_vs_n.png").stat().st_size > 0
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    from bench.report import README_BEGIN, README_END, write_readme_section
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\nintro\n{README_BEGIN}\nold table\n{README_END}\n## After\n")
+    write_readme_section(readme, "## Benchmark: x\n| a |\n|---|\n")
+    text = readme.read_text()
+    assert "old table" not in text and "### Benchmark: x" in text
+    assert text.startswith("# Title\nintro\n") and text.endswith(f"{README_END}\n## After\n")
