@@ -249,6 +249,10 @@ def setup(cfg: TrainConfig) -> Run:
         raise SystemExit(f"config error: prompts_per_step={cfg.prompts_per_step} must be a "
                          f"multiple of the number of processes ({world}): groups stay whole")
     run_dir = Path(cfg.output_dir)
+    finished = ckpt.latest_checkpoint(run_dir)
+    if finished is not None and not cfg.resume:  # never overwrite a run's checkpoints silently
+        raise SystemExit(f"{run_dir} already holds a run (checkpoint {finished.name}); pass "
+                         "--resume to continue it, or a new --output_dir to start another")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -88,6 +88,14 @@ def test_two_step_run(runs, algo):
     assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(latest)
 
 
+def test_rerun_without_resume_refuses_to_overwrite(runs, warm_dir):
+    out = runs("cepo")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(SystemExit, match="--resume"):
+        train_module.main(_args(warm_dir, str(out), "cepo"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, warm_dir, monkeypatch):
     """Crash after the step-2 checkpoint, resume: steps 3-4 match an uninterrupted run."""
     extra = {"checkpoint.every": 2, "val.every": 0, "ppo.shuffle": True}
