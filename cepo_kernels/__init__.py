@@ -7,8 +7,14 @@ Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, an
 
 from .advantages import cepo_advantages
 from .backend import BACKENDS, resolve_backend
-from .functional import (ContrastiveEvidence, ContrastiveLogProbs, LogProbsOutput,
-                         contrastive_evidence, contrastive_logprobs, fused_linear_logprobs)
+from .functional import (
+                         ContrastiveEvidence,
+                         ContrastiveLogProbs,
+                         LogProbsOutput,
+                         contrastive_evidence,
+                         contrastive_logprobs,
+                         fused_linear_logprobs,
+)
 from .loss import AGGREGATIONS, PPOLossOutput, ppo_clip_loss
 from .modules import CEPOLoss, FusedLinearLogProbs
 

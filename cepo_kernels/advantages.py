@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_tensor, check_weights_hparams
+from .validation import check_mask, check_tensor, check_weights_hparams
 
 
 class TokenWeights(NamedTuple):
@@ -70,10 +70,6 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
         raise ValueError(f"pos_logprobs {tuple(pos_logprobs.shape)} and neg_logprobs "
                          f"{tuple(neg_logprobs.shape)} must have the same shape")
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask.shape != pos_logprobs.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the log-probs shape "
-                             f"{tuple(pos_logprobs.shape)}")
+        check_mask(mask, pos_logprobs.shape, "log-probs")
     adv = broadcast_advantages(advantages, pos_logprobs)
     return token_weights(adv, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w).advantages

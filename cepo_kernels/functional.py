@@ -14,9 +14,17 @@ from . import advantages as _adv
 from .backend import resolve_backend
 from .ops import torch_chunked
 from .ops.autograd import LinearLogProbsFunction, LogProbParams, forward_stats
-from .validation import (check_finite, check_label_values, check_linear_inputs,
-                         check_same_device, check_same_dtype, check_streams, check_temperature,
-                         check_weights_hparams)
+from .validation import (
+    check_finite,
+    check_label_values,
+    check_linear_inputs,
+    check_mask,
+    check_same_device,
+    check_same_dtype,
+    check_streams,
+    check_temperature,
+    check_weights_hparams,
+)
 
 
 class LogProbsOutput(NamedTuple):
@@ -58,7 +66,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           backend: str = "auto", validate: bool = True,
-                          chunk_tokens: int = torch_chunked.DEFAULT_CHUNK_TOKENS,
+                          chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
                           chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB) -> LogProbsOutput:
     """log softmax((h·Wᵀ + b)/τ)[y] per token, without materialising the logits.
 
@@ -116,7 +124,7 @@ def _mixture(neg_lps: torch.Tensor) -> torch.Tensor:
 def contrastive_logprobs(policy_hidden, pos_hidden, neg_hidden, weight, labels, *, bias=None,
                          temperature: float = 1.0, ignore_index: int = -100,
                          backend: str = "auto", validate: bool = True,
-                         chunk_tokens: int = torch_chunked.DEFAULT_CHUNK_TOKENS,
+                         chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
                          chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
                          ) -> ContrastiveLogProbs:
     """Log-probs of the student and both teachers for the same tokens, in ONE pass over W.
@@ -135,7 +143,7 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
                          mask: Optional[torch.Tensor] = None, lam: float, eps_w: float,
                          bias=None, temperature: float = 1.0, ignore_index: int = -100,
                          backend: str = "auto", validate: bool = True,
-                         chunk_tokens: int = torch_chunked.DEFAULT_CHUNK_TOKENS,
+                         chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
                          chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
                          ) -> ContrastiveEvidence:
     """The fused experience step: three log-prob streams plus Δ, w and Â (SPEC §2).
@@ -162,11 +170,7 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
     if advantages is not None:
         adv = _adv.broadcast_advantages(advantages.to(labels.device), labels).reshape(-1)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor")
-            if mask.shape != labels.shape:
-                raise ValueError(f"mask shape {tuple(mask.shape)} must equal labels shape "
-                                 f"{tuple(labels.shape)}")
+            check_mask(mask, labels.shape, "labels")
             valid = valid & mask.reshape(-1)
     if flat_labels.numel() == 0:
         z = torch.zeros(lead, dtype=torch.float32, device=labels.device)

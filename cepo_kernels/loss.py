@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .advantages import broadcast_advantages
-from .validation import check_tensor
+from .validation import check_mask, check_tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -51,10 +51,7 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     if old_logprobs.shape != logprobs.shape:
         raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs "
                          f"{tuple(logprobs.shape)}")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a bool tensor")
-    if mask.shape != logprobs.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must match logprobs {tuple(logprobs.shape)}")
+    check_mask(mask, logprobs.shape, "logprobs")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_dual > 1):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .functional import LogProbsOutput, fused_linear_logprobs
 from .loss import PPOLossOutput, ppo_clip_loss
+from .validation import check_mask
 
 
 class FusedLinearLogProbs(nn.Module):
@@ -51,10 +52,7 @@ class CEPOLoss(nn.Module):
 
     def forward(self, hidden, weight, labels, old_logprobs, advantages, mask, bias=None,
                 normalizer: Optional[float] = None) -> PPOLossOutput:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a bool tensor")
-        if mask.shape != labels.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} must match labels {tuple(labels.shape)}")
+        check_mask(mask, labels.shape, "labels")
         labels = torch.where(mask, labels, torch.full_like(labels, self.ignore_index))
         out = fused_linear_logprobs(hidden, weight, labels, bias=bias,
                                     temperature=self.temperature, ignore_index=self.ignore_index,

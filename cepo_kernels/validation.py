@@ -121,3 +121,13 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
     if len(dtypes) > 1:
         listing = ", ".join(f"{n}={t.dtype}" for n, t in zip(names, tensors))
         raise TypeError(f"all hidden streams must share one dtype, got {listing}")
+
+
+def check_mask(mask, shape, what: str) -> None:
+    """``mask`` is a bool tensor shaped like ``what`` (the tensor it selects tokens of)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor, got {got}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the {what} shape "
+                         f"{tuple(shape)}")

@@ -34,10 +34,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import trl
 from accelerate.utils import gather, gather_object
 from packaging.version import Version
-
-import trl
 from trl import GRPOTrainer
 
 from cepo.batch import collate
@@ -47,8 +46,14 @@ from cepo.teachers import select_wrong_answers
 from cepo_kernels import contrastive_evidence
 
 from .trl_config import CEPOConfig, cepo_lambda, generation_index
-from .trl_teachers import (answer_text, backbone_hidden, check_vision_keys, completion_text,
-                           hint_ids, row_prefixes)
+from .trl_teachers import (
+    answer_text,
+    backbone_hidden,
+    check_vision_keys,
+    completion_text,
+    hint_ids,
+    row_prefixes,
+)
 
 __all__ = ["CEPOBatch", "CEPOConfig", "CEPOGRPOTrainer"]
 

@@ -8,6 +8,7 @@ backward run. Forward saves only (hidden, weight, bias, labels) and the per-toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,7 @@ class LogProbParams:
     temperature: float = 1.0
     ignore_index: int = -100
     with_entropy: bool = False
-    chunk_tokens: int = torch_chunked.DEFAULT_CHUNK_TOKENS
+    chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS  # None: from the tile budget
     chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
 
 
