@@ -9,8 +9,8 @@ Layout of a run directory::
         config.yaml                          the config (eval and merge read the base model here)
         adapter_model.safetensors, adapter_config.json     LoRA (peft format), or
         model.safetensors, config.json, processor files    full fine-tuning (loadable as a model)
-        optimizer.pt                         AdamW state
-        trainer_state.json                   step, λ, lr, world size
+        optimizer.pt                         AdamW state, whole, keyed by parameter name
+        trainer_state.json                   step, λ, lr, world size, sharding
         rng/rank-<r>.pt                      python, numpy, torch (and CUDA) RNG states per process
 
 Atomic: everything is written into ``checkpoints/.tmp-step-000010`` and then renamed into place;
@@ -99,9 +99,14 @@ def begin(run_dir: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def save_model(model: torch.nn.Module, directory: Path) -> None:
-    """Adapter (peft) or full weights, as safetensors, in Hugging Face layout."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model(model: torch.nn.Module, directory: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Adapter (peft) or full weights, as safetensors, in Hugging Face layout. `state_dict`:
+    the weights to write instead of the model's own (gathered from FSDP shards)."""
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def save_rng(directory: Path, rank: int) -> None:
@@ -114,8 +119,43 @@ def save_rng(directory: Path, rank: int) -> None:
     torch.save(state, directory / "rng" / f"rank-{rank}.pt")
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+def save_optimizer(state: dict[str, Any], directory: Path) -> None:
+    """An optimizer state keyed by parameter name (`named_optimizer_state`)."""
+    torch.save(state, directory / "optimizer.pt")
+
+
+def optimizer_param_names(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters, in its order, as `policy` (unwrapped from DDP)
+    names them: the keys of torch.distributed.checkpoint's optimizer state dicts."""
+    module = getattr(policy, "module", policy)  # DDP
+    name_of = {id(p): name for name, p in module.named_parameters()}
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def named_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """torch's index-keyed optimizer state dict -> keyed by parameter name (one format for DDP
+    and FSDP checkpoints, so either resumes under the other)."""
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                         for g in state["param_groups"]],
+    }
+
+
+def indexed_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `named_optimizer_state`, for `Optimizer.load_state_dict`."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = [g["params"] for g in state["param_groups"]]
+    missing = sorted({n for g in groups for n in g} - set(index))
+    if missing:
+        raise RuntimeError(f"optimizer state names parameters this model does not train: "
+                           f"{missing[:3]}")
+    return {
+        "state": {index[n]: v for n, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                         for g in state["param_groups"]],
+    }
 
 
 def commit(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int) -> Path:
@@ -204,11 +244,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer(path: Path) -> dict[str, Any]:
+    """The saved optimizer state (keyed by parameter name)."""
     file = path / "optimizer.pt"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no optimizer state (saved with save_optimizer=false?)")
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_rng(path: Path, rank: int) -> bool:

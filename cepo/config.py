@@ -195,7 +195,8 @@ class TrainConfig:
     output_dir: str = "runs/{preset}-{algo}"  # {preset} and {algo} are filled in
     resume: bool = False  # continue from output_dir's latest checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast (for fp32 full fine-tuning)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp32 weights, bf16 compute (full FT)
+    sharding: Literal["none", "fsdp"] = "none"  # fsdp: shard weights/grads/AdamW (cepo.sharding)
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
@@ -218,6 +219,9 @@ class TrainConfig:
         _require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
         _require(self.grader_timeout_s > 0, "grader_timeout_s", self.grader_timeout_s,
                  "a number > 0")
+        _require(self.sharding != "fsdp" or self.mixed_precision != "fp16", "mixed_precision",
+                 self.mixed_precision, "'no' or 'bf16' with sharding=fsdp (fp16 needs loss "
+                 "scaling, which the FSDP path does not do)")
 
     @property
     def lr(self) -> float:

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from cepo import checkpoint as ckpt
+from cepo import sharding
 from cepo.config import (
     ConfigError,
     TrainConfig,
@@ -53,6 +54,7 @@ from cepo.update import PolicyLoss, check_replicas, ppo_update
 logger = logging.getLogger("cepo.train")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED = {"bf16": torch.bfloat16}  # FSDP compute dtype of --mixed_precision
 
 
 @dataclass
@@ -106,8 +108,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
     # 2-4. G rollouts per prompt → rewards → GRPO advantages A → student and teacher log-probs
     #      → Δ, w, Â, one fused kernel call per micro-batch (no teachers when λ = 0 or grpo)
-    exp = make_experience(run.model, run.processor, examples, lam=lam, config=run.experience,
-                          engine=run.engine, grader=default_grader(cfg.grader_timeout_s))
+    with sharding.full_weights(run.policy):  # FSDP: gathered once for the whole phase
+        exp = make_experience(run.model, run.processor, examples, lam=lam,
+                              config=run.experience, engine=run.engine,
+                              grader=default_grader(cfg.grader_timeout_s))
 
     # 5. PPO on mini-batches: fused log-probs + dual-clip loss, accumulation, clipping, AdamW
     update = ppo_update(run.policy, run.optimizer, exp, cfg.ppo, grad_clip=cfg.optim.grad_clip,
@@ -202,13 +206,14 @@ def validate(run: Run, step: int) -> dict[str, float]:
     """SPEC §7 validation sampling on the val split (every process scores a share)."""
     cfg = run.cfg
     seed_step(cfg.seed, step, run.rank, salt=1)  # its own stream: training sampling is untouched
-    return evaluate(
-        run.model, run.processor, run.val_set,
-        temperature=cfg.val.temperature, top_p=cfg.val.top_p,
-        max_new_tokens=cfg.val.max_new_tokens or cfg.rollout.max_new_tokens,
-        max_prompt_tokens=cfg.rollout.max_prompt_tokens, batch_size=cfg.val.batch_size,
-        grader=default_grader(cfg.grader_timeout_s), accelerator=run.accelerator,
-    )
+    with sharding.full_weights(run.policy):
+        return evaluate(
+            run.model, run.processor, run.val_set,
+            temperature=cfg.val.temperature, top_p=cfg.val.top_p,
+            max_new_tokens=cfg.val.max_new_tokens or cfg.rollout.max_new_tokens,
+            max_prompt_tokens=cfg.rollout.max_prompt_tokens, batch_size=cfg.val.batch_size,
+            grader=default_grader(cfg.grader_timeout_s), accelerator=run.accelerator,
+        )
 
 
 def save_checkpoint(run: Run, step: int, metrics: dict[str, float]) -> float:
@@ -220,17 +225,26 @@ def save_checkpoint(run: Run, step: int, metrics: dict[str, float]) -> float:
     acc.wait_for_everyone()
     tmp = ckpt.staging_dir(run.run_dir, step)
     ckpt.save_rng(tmp, run.rank)
+    weights, optimizer_state = None, None  # sharded: full state dicts, gathered by every process
+    if cfg.sharding == "fsdp":
+        weights = sharding.gather_weights(run.model, trainable_only=cfg.lora.enabled)
+        if cfg.checkpoint.save_optimizer:
+            optimizer_state = sharding.gather_optimizer(run.policy, run.optimizer)
+    elif cfg.checkpoint.save_optimizer and run.is_main:
+        optimizer_state = ckpt.named_optimizer_state(
+            run.optimizer.state_dict(), ckpt.optimizer_param_names(run.policy, run.optimizer))
     if run.is_main:
-        ckpt.save_model(run.model, tmp)
+        ckpt.save_model(run.model, tmp, state_dict=weights)
         if not cfg.lora.enabled:  # a full model: make the directory loadable on its own
             save_processor_files(run.processor, run.model_path, tmp)
         save_yaml(cfg, tmp / "config.yaml")
         if cfg.checkpoint.save_optimizer:
-            ckpt.save_optimizer(run.optimizer, tmp)
+            ckpt.save_optimizer(optimizer_state, tmp)
     acc.wait_for_everyone()
     if run.is_main:
-        state = {"world_size": run.world, "lambda": metrics.get("cepo/lambda"),
-                 "lr": metrics.get("lr"), "reward": metrics.get("reward/mean")}
+        state = {"world_size": run.world, "sharding": cfg.sharding,
+                 "lambda": metrics.get("cepo/lambda"), "lr": metrics.get("lr"),
+                 "reward": metrics.get("reward/mean")}
         ckpt.commit(run.run_dir, step, state, cfg.checkpoint.keep_last)
     acc.wait_for_everyone()
     return time.perf_counter() - clock
@@ -268,11 +282,19 @@ def setup(cfg: TrainConfig) -> Run:
     model = prepare_trainable(model, cfg.lora, cfg.model)
     model.train()
     trainable, total = count_parameters(model)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    found = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if found is not None:  # weights before wrapping: FSDP shards what is loaded
+        load_checkpoint_weights(cfg, found, model, accelerator)
     temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
     policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if cfg.sharding == "fsdp":  # FSDP2 by hand (cepo.sharding); the optimizer takes the shards
+        policy = sharding.shard(policy, model, MIXED.get(cfg.mixed_precision))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if cfg.sharding == "fsdp":
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
 
     train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
                            seed=cfg.seed)
@@ -284,7 +306,11 @@ def setup(cfg: TrainConfig) -> Run:
         val_set = load_split(cfg.data.val or cfg.data.train, cfg.data.val_split,
                              limit=cfg.data.val_limit, seed=cfg.seed)
 
-    start_step = resume(cfg, run_dir, model, optimizer, accelerator) if cfg.resume else 0
+    start_step = 0
+    if cfg.resume and found is None and accelerator.is_main_process:
+        logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+    if found is not None:
+        start_step = resume_state(cfg, found, policy, optimizer, accelerator)
     if accelerator.is_main_process:
         save_yaml(cfg, run_dir / "config.yaml")
         logger.info("%s on %s x%d: %s, %s trainable of %s parameters; %d train / %d val examples",
@@ -309,34 +335,49 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("config error: device='cuda' but no CUDA device is available")
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    # FSDP applies mixed precision itself (gathered weights in bf16, fp32 shards and AdamW)
+    mixed = "no" if cfg.sharding == "fsdp" else cfg.mixed_precision
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
     kind = accelerator.distributed_type.value
     if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
         raise SystemExit(
-            f"config error: accelerate distributed_type={kind} is not supported: rollouts run HF "
-            "generate on whole (unsharded) weights. Use DDP (configs/accelerate/ddp_8gpu.yaml; "
-            "LoRA on 2B/4B fits one GPU per process, see README)."
+            f"config error: accelerate distributed_type={kind} is not supported. Launch with a "
+            "multi-GPU config (configs/accelerate/8gpu.yaml) and pass --sharding fsdp to "
+            "shard weights, gradients and optimizer state (configs/accelerate/fsdp_8gpu.yaml "
+            "has both); the trainer applies FSDP itself (cepo/sharding.py)."
         )
+    if cfg.sharding == "fsdp" and accelerator.num_processes < 2:
+        raise SystemExit("config error: sharding='fsdp' needs at least 2 processes (accelerate "
+                         "launch --num_processes N or torchrun); one process trains unsharded")
     return accelerator
 
 
-def resume(cfg: TrainConfig, run_dir: Path, model, optimizer, accelerator) -> int:
-    """Load the latest checkpoint of `run_dir` into model and optimizer; returns its step."""
-    found = ckpt.latest_checkpoint(run_dir)
-    if found is None:
-        if accelerator.is_main_process:
-            logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
-        return 0
+def load_checkpoint_weights(cfg: TrainConfig, found: Path, model, accelerator) -> None:
+    """Resume, part 1 (before any wrapping): warn about changed settings, load the weights."""
     saved = flatten(yaml.safe_load((found / "config.yaml").read_text()))
-    volatile = ("steps", "resume", "log.", "checkpoint.", "val.", "num_threads")
+    volatile = ("steps", "resume", "log.", "checkpoint.", "val.", "num_threads", "sharding")
     changed = {k: (v, saved.get(k)) for k, v in flatten(to_dict(cfg)).items()
                if saved.get(k) != v and not k.startswith(volatile)}
     if changed and accelerator.is_main_process:
         logger.warning("resuming with settings that differ from the checkpoint's (now, then): %s",
                        changed)
     ckpt.load_weights(model, found)
+
+
+def resume_state(cfg: TrainConfig, found: Path, policy, optimizer, accelerator) -> int:
+    """Resume, part 2 (after wrapping): AdamW state and RNG; returns the checkpoint's step.
+
+    The AdamW state is saved whole and keyed by parameter name in both layouts, so a DDP
+    checkpoint resumes under FSDP and back.
+    """
     if cfg.checkpoint.save_optimizer:
-        ckpt.load_optimizer(optimizer, found)
+        names = ckpt.optimizer_param_names(policy, optimizer)
+        if cfg.sharding == "fsdp":  # the main process reads the file, FSDP scatters the shards
+            state = ckpt.load_optimizer(found) if accelerator.is_main_process else {}
+            sharding.load_optimizer(policy, optimizer, state)
+        else:
+            optimizer.load_state_dict(ckpt.indexed_optimizer_state(ckpt.load_optimizer(found),
+                                                                   names))
     ckpt.load_rng(found, accelerator.process_index)
     step = ckpt.read_state(found)["step"]
     if accelerator.is_main_process:

@@ -14,8 +14,8 @@ because DDP averages gradients over them. The same holds for the other aggregati
 sequence counts. Micro-batch sizes and the split across processes then change nothing but
 rounding.
 
-The loss is computed inside `PolicyLoss.forward`, so DDP (and FSDP, which must see the lm_head
-inside a forward) wrap one module whose forward is the whole loss.
+The loss is computed inside `PolicyLoss.forward`, so DDP and FSDP (`cepo.sharding`, which gathers
+the lm_head weight in the root's forward) wrap one module whose forward is the whole loss.
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ class PolicyLoss(torch.nn.Module):
 
     def forward(
         self,
-        inputs: ModelInputs,
-        labels: torch.Tensor,  # [b, t] response ids, IGNORE_INDEX on padding
-        old_logprobs: torch.Tensor,  # [b, t] log π_old
-        advantages: torch.Tensor,  # [b, t] Â
-        mask: torch.Tensor,  # [b, t] bool
+        inputs: ModelInputs | None = None,
+        labels: torch.Tensor | None = None,  # [b, t] response ids, IGNORE_INDEX on padding
+        old_logprobs: torch.Tensor | None = None,  # [b, t] log π_old
+        advantages: torch.Tensor | None = None,  # [b, t] Â
+        mask: torch.Tensor | None = None,  # [b, t] bool
         normalizer: float | None = None,
-    ) -> PPOLossOutput:
+    ) -> PPOLossOutput | None:
+        if inputs is None:  # a no-op call: lets FSDP find its root (cepo.sharding.shard)
+            return None
         hidden = response_hidden(self.model, inputs, labels.shape[1])  # [b, t, D]
         weight, bias = output_head(self.model)
         return self.loss(hidden, weight, labels, old_logprobs, advantages, mask, bias,
@@ -137,9 +139,9 @@ def ppo_update(
             if grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(params, grad_clip)
             else:
-                norms = [p.grad.norm() for p in params if p.grad is not None]
+                norms = [_full(p.grad.norm()) for p in params if p.grad is not None]
                 norm = torch.norm(torch.stack(norms)) if norms else torch.zeros(())
-            grad_norms.append(float(norm))
+            grad_norms.append(float(_full(norm)))
             losses.append(loss_sum)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -188,14 +190,23 @@ def _accumulate(metrics: dict, sums: dict, extremes: dict) -> None:
             sums[key] += float(value) * count
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value made whole; other tensors unchanged."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def check_replicas(model: torch.nn.Module, accelerator) -> None:
     """Raise if the trainable weights differ between processes (a broken gradient sync).
 
     Cheap (two numbers per process), run before every checkpoint of a multi-process run.
+    Sharded (FSDP) weights have one copy only, so there is nothing to compare.
     """
     if accelerator.num_processes == 1:
         return
-    params = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    params = [p.detach().double() for p in model.parameters()
+              if p.requires_grad and not hasattr(p, "full_tensor")]
+    if not params:
+        return
     local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
     gathered = accelerator.gather(local.to(accelerator.device)[None]).view(-1, 2).cpu()
     if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):

@@ -15,6 +15,7 @@ from cepo.grading import Grader
 from cepo.models import load_model, load_processor
 from cepo.rollout import RolloutConfig, Rollouts
 from cepo.tiny import build_tiny_model
+from cepo.warmup import WarmupConfig, build_warm_tiny
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +107,9 @@ def scripted_engine(processor):
 @pytest.fixture(scope="session")
 def encoded(processor, examples):
     return [encode_prompt(processor, e) for e in examples]
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tmp_path_factory, tiny_dir) -> str:
+    path = tmp_path_factory.mktemp("warm") / "tiny-warm"
+    return str(build_warm_tiny(path, WarmupConfig(steps=150), base=tiny_dir))

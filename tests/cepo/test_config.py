@@ -55,13 +55,20 @@ def test_no_arguments_is_the_offline_run_and_matches_configs_tiny_cpu():
     assert build_config(["--config", str(CONFIGS / "tiny_cpu.yaml")]) == cfg
 
 
-@pytest.mark.parametrize("name", ["paper_2b.yaml", "paper_4b.yaml", "reference_2b.yaml",
-                                  "tiny_cpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = build_config(["--config", str(CONFIGS / name)])
     assert cfg.preset == ("reference" if name.startswith("reference") else "paper")
-    if name.startswith("paper_4b"):
+    if "_4b" in name:
         assert cfg.model.name == "Qwen/Qwen3-VL-4B-Instruct"
+    if name.startswith("full_"):  # full fine-tuning: sharded, fp32 weights, bf16 compute
+        assert (cfg.sharding, cfg.lora.enabled, cfg.model.dtype, cfg.mixed_precision) == (
+            "fsdp", False, "float32", "bf16")
+
+
+def test_fsdp_with_fp16_is_refused():
+    with pytest.raises(ConfigError, match="mixed_precision.*loss scaling"):
+        build_config(["--sharding", "fsdp", "--mixed_precision", "fp16"])
 
 
 def test_overrides_dotted_short_and_typed():

@@ -1,0 +1,154 @@
+"""Two CPU processes (torchrun, gloo): DDP, and FSDP (`--sharding fsdp`) checked against DDP.
+
+The same seeds give both layouts the same rollouts and the same averaged gradients, so an FSDP
+run must reproduce the DDP run's metrics, weights and AdamW state; and since checkpoints are
+saved whole, a run saved under one layout resumes under the other to the same next step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cepo.train as train_module
+from cepo import checkpoint as ckpt
+from cepo.metrics import read
+from tests.cepo.test_train import VOLATILE, train_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(warm_dir: str, out: Path, **extra) -> str:
+    """`python -m cepo.train` on 2 processes; returns its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cepo.train", *train_args(warm_dir, str(out), **extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+FULL = {"algo": "grpo", "lora.enabled": False, "steps": 1, "val.every": 0,
+        "val.before_train": False}  # full fine-tuning, one step
+SETUPS = {
+    "lora": {},
+    "full": FULL,
+    "full-bf16": {**FULL, "model.dtype": "float32", "mixed_precision": "bf16"},
+}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, warm_dir):
+    """(sharding, setup) -> run directory of a finished 2-process run, each trained once."""
+    done = {}
+
+    def get(sharding: str, setup: str = "lora") -> Path:
+        if (sharding, setup) not in done:
+            out = tmp_path_factory.mktemp(f"{sharding}-{setup}")
+            text = torchrun(warm_dir, out, sharding=sharding, **SETUPS[setup])
+            assert "x2:" in text  # "cepo on cpu:0 x2: ..."
+            done[sharding, setup] = out
+        return done[sharding, setup]
+
+    return get
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key, value in ra.items():
+            if not key.startswith(VOLATILE):
+                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def assert_same_optimizer(a: Path, b: Path) -> None:
+    sa, sb = ckpt.load_optimizer(a), ckpt.load_optimizer(b)
+    assert [g["params"] for g in sa["param_groups"]] == [g["params"] for g in sb["param_groups"]]
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for name in sa["state"]:
+        assert_same_tensors(sa["state"][name], sb["state"][name])
+
+
+def test_ddp_two_processes(two_process_runs):
+    """Each process rolls out whole groups of its own prompts; both save their RNG."""
+    out = two_process_runs("none")
+    latest = ckpt.latest_checkpoint(out)
+    state = ckpt.read_state(latest)
+    assert state["world_size"] == 2 and state["sharding"] == "none"
+    assert (latest / "rng" / "rank-0.pt").is_file() and (latest / "rng" / "rank-1.pt").is_file()
+    records = read(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["rollout/mixed_groups"] > 0 and records[2]["val/examples"] == 8
+
+
+def test_fsdp_lora_matches_ddp(two_process_runs):
+    ddp, fsdp = two_process_runs("none"), two_process_runs("fsdp")
+    assert ckpt.read_state(ckpt.latest_checkpoint(fsdp))["sharding"] == "fsdp"
+    assert_same_metrics(read(ddp / "metrics.jsonl"), read(fsdp / "metrics.jsonl"))
+    a, b = ckpt.latest_checkpoint(ddp), ckpt.latest_checkpoint(fsdp)
+    assert_same_tensors(load_file(a / "adapter_model.safetensors"),
+                        load_file(b / "adapter_model.safetensors"))
+    assert_same_optimizer(a, b)
+    # and training moved the adapters away from their initial values (lora_B starts at 0)
+    assert any(v.abs().max() > 0 for k, v in load_file(b / "adapter_model.safetensors").items()
+               if "lora_B" in k)
+
+
+def test_fsdp_full_finetuning_matches_ddp(two_process_runs):
+    """Full fine-tuning puts trainable weights in the root unit (embeddings, lm_head, norm)."""
+    ddp, fsdp = two_process_runs("none", "full"), two_process_runs("fsdp", "full")
+    assert_same_metrics(read(ddp / "metrics.jsonl"), read(fsdp / "metrics.jsonl"))
+    a, b = ckpt.latest_checkpoint(ddp), ckpt.latest_checkpoint(fsdp)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert_same_tensors(wa, wb)
+    assert_same_optimizer(a, b)
+    assert any("embed_tokens" in name for name in ckpt.load_optimizer(b)["state"])
+
+
+def test_fsdp_bf16_compute_keeps_fp32_weights_and_adamw(two_process_runs, warm_dir):
+    """fp32 model + --mixed_precision bf16: bf16 gathers and forwards, fp32 shards and AdamW."""
+    out = two_process_runs("fsdp", "full-bf16")
+    latest = ckpt.latest_checkpoint(out)
+    weights = load_file(latest / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    state = ckpt.load_optimizer(latest)["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
+    step = read(out / "metrics.jsonl")[0]
+    assert step["ppo/optimizer_steps"] > 0 and 0 < step["ppo/grad_norm"] < 1e3
+    base = load_file(Path(warm_dir) / "model.safetensors")
+    moved = [k for k in weights if "layers" in k and not torch.equal(weights[k], base[k])]
+    assert moved  # the update reached the fp32 shards
+
+
+def test_resume_across_layouts(tmp_path, two_process_runs, warm_dir):
+    """A DDP checkpoint resumed under FSDP and an FSDP one under DDP give the same step 3."""
+    ddp, fsdp = tmp_path / "ddp-then-fsdp", tmp_path / "fsdp-then-ddp"
+    shutil.copytree(two_process_runs("none"), ddp)
+    shutil.copytree(two_process_runs("fsdp"), fsdp)
+    torchrun(warm_dir, ddp, steps=3, resume=True, sharding="fsdp")
+    torchrun(warm_dir, fsdp, steps=3, resume=True, sharding="none")
+    a, b = read(ddp / "metrics.jsonl"), read(fsdp / "metrics.jsonl")
+    assert [r["step"] for r in a] == [0, 1, 2, 3]
+    assert_same_metrics(a, b)
+    assert a[3]["cepo/lambda"] == pytest.approx(0.5 * (1 - 2 / 25))  # λ continues
+    assert_same_tensors(load_file(ckpt.latest_checkpoint(ddp) / "adapter_model.safetensors"),
+                        load_file(ckpt.latest_checkpoint(fsdp) / "adapter_model.safetensors"))
+
+
+def test_fsdp_needs_several_processes(warm_dir, tmp_path):
+    with pytest.raises(SystemExit, match="at least 2 processes"):
+        train_module.main(train_args(warm_dir, str(tmp_path / "one"), sharding="fsdp"))
