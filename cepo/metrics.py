@@ -3,8 +3,10 @@
 Only the main process writes. `metrics.jsonl` gets one object per training step (``{"step": k,
 ...}``) and one per validation (``{"step": k, "val/accuracy": ...}``); a resumed run first drops
 the lines of steps after its checkpoint, so the file always reads like one uninterrupted run.
-TensorBoard and W&B are used when asked for and installed; asked for but missing, they are
-skipped with a warning (the JSON-lines file always exists).
+TensorBoard and W&B (the ``logging`` extra) are used when asked for and installed; asked for but
+missing, they are skipped with a warning (the JSON-lines file always exists). TensorBoard writes
+to ``<run_dir>/tensorboard`` and W&B to ``<run_dir>/wandb``; a resumed run continues both (the
+W&B run id is kept in ``<run_dir>/wandb_id.txt``).
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import secrets
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 class MetricsWriter:
@@ -49,32 +55,40 @@ class MetricsWriter:
         self.history = truncate(self.path, resume_step) if resume_step else []
         if not resume_step:
             self.path.write_text("")
-        name = run_name or Path(run_dir).name
+        run_dir = Path(run_dir)
+        name = run_name or run_dir.name
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 logger.warning("log.tensorboard=true but tensorboard is not installed; skipped")
+            else:
+                # On resume, purge_step hides the crashed run's events after the checkpoint step
+                # (TensorBoard drops events with step >= purge_step from the older event files).
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
         if wandb:
             try:
                 import wandb as wandb_lib
-
-                self._wandb = wandb_lib.init(
-                    project=wandb_project, name=name, config=config, resume="allow"
-                )
             except ImportError:
                 logger.warning("log.wandb=true but wandb is not installed; skipped")
+            else:
+                self._wandb = wandb_lib.init(
+                    project=wandb_project, name=name, config=config, dir=str(run_dir),
+                    id=wandb_run_id(run_dir, name, resume=bool(resume_step)), resume="allow",
+                )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one record. TB/W&B get only its finite numbers: add_scalar raises on a string or
+        None and W&B cannot chart them, so a stray non-numeric value must not end the run."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        numbers = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float))}  # NaN/inf are None by now
         if self._tb is not None:
             for key, value in numbers.items():
                 self._tb.add_scalar(key, value, step)
@@ -83,14 +97,32 @@ class MetricsWriter:
             self._wandb.log(numbers, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        """Flush and close TB / finish the W&B run (safe to call twice)."""
+        tb, run, self._tb, self._wandb = self._tb, self._wandb, None, None
+        if tb is not None:
+            tb.close()
+        if run is not None:
+            run.finish()
+
+
+def wandb_run_id(run_dir: Path, name: str, *, resume: bool) -> str:
+    """The W&B run id of `run_dir`, kept in ``<run_dir>/wandb_id.txt``.
+
+    A resumed run reads it back, so W&B (``resume="allow"``) continues the same run. A fresh start
+    gets a new id (the run name plus a random suffix) even in an existing directory: re-using the
+    old id would append a second step 1, 2, ... to the old W&B run, which W&B drops.
+    """
+    path = run_dir / WANDB_ID_FILE
+    if resume and path.is_file() and (run_id := path.read_text().strip()):
+        return run_id
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:40] or "run"
+    run_id = f"{slug}-{secrets.token_hex(4)}"
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.generic)):  # one-element tensors, numpy scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf

@@ -76,7 +76,8 @@ def shard(policy: torch.nn.Module, model: torch.nn.Module,
         )
     for block in reversed(blocks):  # children before parents
         fully_shard(block, reshard_after_forward=True, mp_policy=precision)
-    fully_shard(policy, mp_policy=precision)  # the root: embeddings, final norm, lm_head, vision merger
+    # the root: embeddings, final norm, lm_head, vision merger
+    fully_shard(policy, mp_policy=precision)
     # FSDP takes the first module whose forward runs as the root; rollouts call the inner model
     # directly, so run the root's forward once now (PolicyLoss.forward() with no inputs: no-op).
     # The root keeps its weights gathered after a forward: reshard, so that the module holds the

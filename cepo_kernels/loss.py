@@ -1,7 +1,8 @@
 """The PPO clipped surrogate of SPEC §3 with Â in place of A, and its aggregations.
 
     ρ_t = exp(lp_t − lp_old_t)
-    ℓ_t = −min(ρ_t Â_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â_t),  and for Â_t < 0: min(ℓ_t, −Â_t·c_dual)
+    ℓ_t = −min(ρ_t Â_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â_t),
+    and for Â_t < 0: min(ℓ_t, −Â_t·c_dual)
 
 The gradient flows only through ``logprobs``. Metrics are detached tensors (no host sync).
 """
@@ -88,7 +89,8 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
         ratio_valid = torch.where(mask, ratio, torch.full_like(ratio, float("nan")))
         metrics = {
             "clip_frac": _masked_mean(clipped_active.float(), m, count),
-            "clip_frac_low": _masked_mean((clipped_active & (ratio < 1 - clip_low)).float(), m, count),
+            "clip_frac_low": _masked_mean((clipped_active & (ratio < 1 - clip_low)).float(), m,
+                                          count),
             "clip_frac_high": _masked_mean((clipped_active & (ratio > 1 + clip_high)).float(), m,
                                            count),
             "dual_clip_frac": _masked_mean(dual_active.float(), m, count),

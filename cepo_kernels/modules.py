@@ -46,7 +46,8 @@ class CEPOLoss(nn.Module):
                  ignore_index: int = -100, backend: str = "auto", validate: bool = True):
         super().__init__()
         self.clip_low, self.clip_high, self.clip_dual = clip_low, clip_high, clip_dual
-        self.aggregation, self.temperature, self.ignore_index = aggregation, temperature, ignore_index
+        self.aggregation, self.temperature = aggregation, temperature
+        self.ignore_index = ignore_index
         self.backend, self.validate = backend, validate
         self.last_backend: Optional[str] = None
 

@@ -39,7 +39,8 @@ def check_same_device(**tensors) -> None:
 
 
 def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+    finite = isinstance(temperature, (int, float)) and temperature != float("inf")
+    if not finite or not temperature > 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 

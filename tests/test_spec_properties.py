@@ -13,7 +13,11 @@ finite = st.floats(min_value=-30, max_value=30, allow_nan=False, width=32)
 adv_st = st.floats(min_value=-5, max_value=5, allow_nan=False, width=32)
 lam_st = st.floats(min_value=0.0, max_value=1.0)
 eps_st = st.floats(min_value=0.0, max_value=0.99)
-vec = lambda elem, n=8: st.lists(elem, min_size=n, max_size=n).map(torch.tensor)
+
+
+def vec(elem, n=8):
+    return st.lists(elem, min_size=n, max_size=n).map(torch.tensor)
+
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

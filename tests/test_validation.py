@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from cepo_kernels import (cepo_advantages, contrastive_evidence, contrastive_logprobs,
-                          fused_linear_logprobs)
+from cepo_kernels import (
+    cepo_advantages,
+    contrastive_evidence,
+    contrastive_logprobs,
+    fused_linear_logprobs,
+)
 
 N, D, V = 6, 8, 20
 

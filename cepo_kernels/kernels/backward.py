@@ -19,7 +19,7 @@ from .tl_utils import logit_tile
 
 @triton.jit
 def logit_grad_bwd_kernel(
-    H, W, B, Y, LSE, G, GE, ENT,     # hidden [N, D], weight [V, D], bias [V], labels, lse/g/gH/H [N]
+    H, W, B, Y, LSE, G, GE, ENT,     # hidden [N, D], weight [V, D], bias [V]; labels..H [N]
     DH, DW, DB,                      # fp32 accumulators [N, D], [V, D], [V]
     N, V, DIM,
     stride_hn, stride_hd, stride_wv, stride_wd,

@@ -8,7 +8,7 @@ Grid (axis 0 only, so N·S far above 65,535 works): row_blocks × SPLITS, row bl
 programs running together share the same W tiles in L2. Program (r, k) covers vocab columns
 [k·V_PER_SPLIT, (k+1)·V_PER_SPLIT) and writes four partial statistics per row to [SPLITS, S·N]:
 
-    m = max_v z_v,   d = Σ_v exp(z_v − m),   t = z_y if y in range else 0,   e = Σ_v exp(z_v − m)·z_v
+    m = max_v z_v,  d = Σ_v exp(z_v − m),  t = z_y if y in range else 0,  e = Σ_v exp(z_v − m)·z_v
 
 which ``finalize.py`` merges: lse = M + log Σ_k d_k e^{m_k − M},  Σ p·z = Σ_k e_k e^{m_k−M} / Σ d.
 z = (h·Wᵀ + b)·INV_TEMP is accumulated in fp32; running maxima start at −inf.
@@ -23,7 +23,7 @@ from .tl_utils import logit_tile
 @triton.jit
 def logit_stats_fwd_kernel(
     # pointers
-    H, W, B, Y,                      # hidden [S, N, D] (strided), weight [V, D], bias [V], labels [N]
+    H, W, B, Y,                      # hidden [S, N, D] (strided), weight [V, D], bias [V], y [N]
     M_OUT, D_OUT, T_OUT, E_OUT,      # partial stats, each [SPLITS, S*N] fp32
     # sizes
     S, N, V, DIM, V_PER_SPLIT,
@@ -33,7 +33,7 @@ def logit_stats_fwd_kernel(
     INV_TEMP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr,            # fp32 tiles before tl.dot (the CPU interpreter's bf16 is wrong)
+    UPCAST: tl.constexpr,            # fp32 tiles before tl.dot (the interpreter's bf16 is wrong)
     DOT_PRECISION: tl.constexpr,     # "ieee" for exact fp32, "tf32" when the user allows it
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):

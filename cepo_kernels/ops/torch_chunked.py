@@ -134,7 +134,8 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
                 keep, share = torch.exp(run_lse - new_lse), torch.exp(tile_lse - new_lse)
                 p = log_p.exp_()                                  # softmax within the tile
                 if grad_hidden:
-                    run_pw = run_pw * keep[:, None] + (p @ weight[v0:v1].to(cdtype)) * share[:, None]
+                    tile_pw = p @ weight[v0:v1].to(cdtype)
+                    run_pw = run_pw * keep[:, None] + tile_pw * share[:, None]
                 if with_entropy:
                     run_pz = run_pz * keep + p.mul_(z).sum(1) * share
             run_lse = new_lse

@@ -1,9 +1,14 @@
-"""Run logging: the JSON-lines file (truncated on resume), reductions, CEPO weight statistics."""
+"""Run logging: the JSON-lines file (truncated on resume), TensorBoard and W&B (read back with
+their own readers), reductions, CEPO weight statistics."""
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,15 +30,145 @@ def test_jsonl_writer_and_resume_truncation(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-def test_optional_backends_are_skipped_when_missing(tmp_path, caplog):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("wandb"):
-        pytest.skip("tensorboard/wandb installed here")
+def test_optional_backends_are_skipped_when_missing(tmp_path, caplog, monkeypatch):
+    # simulate an install without the `logging` extra: a None entry makes `import x` fail
+    for module in ("tensorboard", "torch.utils.tensorboard", "wandb"):
+        monkeypatch.setitem(sys.modules, module, None)
     writer = MetricsWriter(tmp_path, tensorboard=True, wandb=True)
     writer.log(1, {"a": 1.0})
     writer.close()
-    assert "not installed" in caplog.text and read(tmp_path / "metrics.jsonl")
+    assert caplog.text.count("not installed") == 2
+    assert read(tmp_path / "metrics.jsonl") == [{"step": 1, "a": 1.0}]
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "wandb").exists()
+
+
+def _tb_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_and_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    writer = MetricsWriter(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        writer.log(step, {"reward/mean": step / 4, "loss": torch.tensor(2.0 * step),
+                          "n": np.int64(step), "algo": "cepo", "bad": math.nan})
+    writer.close()
+    writer.close()  # idempotent
+    assert _tb_scalars(tmp_path / "tensorboard") == {  # strings and NaN are left out
+        "reward/mean": [(1, 0.25), (2, 0.5), (3, 0.75)],
+        "loss": [(1, 2.0), (2, 4.0), (3, 6.0)],
+        "n": [(1, 1.0), (2, 2.0), (3, 3.0)],
+    }
+
+    # resumed from the step-2 checkpoint: the crashed run's step 3 is hidden, the new one shows
+    resumed = MetricsWriter(tmp_path, tensorboard=True, resume_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"reward/mean": step / 8})
+    resumed.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    scalars = _tb_scalars(tmp_path / "tensorboard")
+    assert scalars["reward/mean"] == [(1, 0.25), (2, 0.5), (3, 0.375), (4, 0.5)]
+    assert scalars["loss"] == [(1, 2.0), (2, 4.0)]
+
+
+def _wandb_records(path):
+    """The records of a W&B ``.wandb`` transaction log: a 7-byte header, then LevelDB-log
+    framing (32 KiB blocks of chunks with a 7-byte crc/length/type header; types 1 = full,
+    2/3/4 = first/middle/last piece), each record a serialized ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
+    pos, pending, block = 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def _wandb_runs(run_dir) -> list[tuple[str, dict, list[dict]]]:
+    """(run id, config, history rows) of each offline W&B run under `run_dir`, oldest first."""
+    runs = []
+    for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
+        records = list(_wandb_records(path))
+        (run,) = [r.run for r in records if r.HasField("run")]
+        config = {u.key: json.loads(u.value_json) for u in run.config.update}
+        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in r.history.item} for r in records if r.HasField("history")]
+        assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0]  # finished
+        runs.append((run.start_time.ToNanoseconds(), run.run_id, config, history))
+    return [run[1:] for run in sorted(runs)]
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B without network or login: offline runs, all of its files under tmp_path."""
+    wandb = pytest.importorskip("wandb")
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_DIR": tmp_path / "wandb_dir",
+                       "WANDB_CACHE_DIR": tmp_path / "wandb_cache",
+                       "WANDB_CONFIG_DIR": tmp_path / "wandb_config",
+                       "WANDB_DATA_DIR": tmp_path / "wandb_data"}.items():
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_RESUME", raising=False)
+    yield wandb
+    wandb.teardown()  # stop the wandb-core service process this test started
+
+
+def _close(writer: MetricsWriter, wandb) -> None:
+    """Close, then wait until the offline log is on disk: run.finish() can return before the
+    wandb-core service has written it; wandb.teardown() (also run at exit) waits for that."""
+    writer.close()
+    writer.close()  # idempotent
+    wandb.teardown()
+
+
+def test_wandb_offline_history_config_and_resume(tmp_path, wandb_offline):
+    run_dir = tmp_path / "run 1"
+    config = {"algo": "cepo", "optim": {"lr": 1e-6}}
+    writer = MetricsWriter(run_dir, wandb=True, config=config)
+    for step in (1, 2, 3):
+        writer.log(step, {"reward/mean": step / 4, "loss": torch.tensor(2.0 * step),
+                          "algo": "cepo", "bad": math.inf})
+    _close(writer, wandb_offline)
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert run_id.startswith("run-1-")  # from the run dir's name, made a valid W&B id
+    assert not (tmp_path / "wandb").exists()  # written under the run dir, not cwd or WANDB_DIR
+
+    ((got_id, got_config, history),) = _wandb_runs(run_dir)
+    assert got_id == run_id
+    assert got_config["algo"] == "cepo" and got_config["optim"] == {"lr": 1e-6}
+    assert [(h["_step"], h["reward/mean"], h["loss"]) for h in history] == [
+        (1, 0.25, 2.0), (2, 0.5, 4.0), (3, 0.75, 6.0)]
+    assert not any("algo" in h or "bad" in h for h in history)  # non-numeric values left out
+
+    # resumed from the step-3 checkpoint: the same W&B run id (resume="allow") continues
+    resumed = MetricsWriter(run_dir, wandb=True, resume_step=3, config=config)
+    resumed.log(4, {"reward/mean": 1.0})
+    _close(resumed, wandb_offline)
+    first, second = _wandb_runs(run_dir)
+    assert first[0] == second[0] == run_id == (run_dir / "wandb_id.txt").read_text().strip()
+    assert [(h["_step"], h["reward/mean"]) for h in second[2]] == [(4, 1.0)]
+
+    # a fresh (not resumed) run in the same directory starts a new W&B run
+    fresh = MetricsWriter(run_dir, wandb=True)
+    fresh.log(1, {"reward/mean": 0.0})
+    _close(fresh, wandb_offline)
+    new_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert new_id != run_id and _wandb_runs(run_dir)[-1][0] == new_id
 
 
 def test_summarize_start_vs_end():

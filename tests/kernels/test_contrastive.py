@@ -20,8 +20,11 @@ def _streams(N, D, V, K, dtype=torch.float32, bias=False, seed=0):
 
 def _oracle(h, pos, neg, w, y, b, temperature=1.0):
     w64, b64 = f64(w, b)
-    lp = lambda x: reference.logprobs(x.double().cpu(), w64, y.cpu(), bias=b64,
-                                      temperature=temperature)
+
+    def lp(x):
+        return reference.logprobs(x.double().cpu(), w64, y.cpu(), bias=b64,
+                                  temperature=temperature)
+
     negs = neg if neg.dim() == h.dim() + 1 else neg.unsqueeze(0)
     neg_lp = reference.logmeanexp(torch.stack([lp(n) for n in negs]), dim=0)
     return lp(h), lp(pos), neg_lp
