@@ -121,9 +121,21 @@ def gather_weights(model: torch.nn.Module, *, trainable_only: bool) -> dict[str,
     must call it. `trainable_only`: the LoRA adapters only (what a LoRA checkpoint saves)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(
+    state = get_model_state_dict(
         model, options=_options(cpu_offload=True, ignore_frozen_params=trainable_only)
     )
+    for name in _tied_output_names(model):  # save_pretrained leaves a tied lm_head out: so do we
+        state.pop(f"{name}.weight", None)
+    return state
+
+
+def _tied_output_names(model: torch.nn.Module) -> list[str]:
+    """Module names of the output embedding when it shares its weight with the input one."""
+    base = unwrap_model(model)
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is None or outputs is None or inputs.weight is not outputs.weight:
+        return []
+    return [name for name, module in model.named_modules() if module is outputs]
 
 
 def gather_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -35,8 +35,9 @@ def torchrun(warm_dir: str, out: Path, **extra) -> str:
     return proc.stdout + proc.stderr
 
 
+# full fine-tuning, one step, of the tiny model with tied embeddings as Qwen3-VL-2B/4B have them
 FULL = {"algo": "grpo", "lora.enabled": False, "steps": 1, "val.every": 0,
-        "val.before_train": False}  # full fine-tuning, one step
+        "val.before_train": False}
 SETUPS = {
     "lora": {},
     "full": FULL,
@@ -45,14 +46,34 @@ SETUPS = {
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, warm_dir):
+def tied_dir(tmp_path_factory, tiny_dir) -> str:
+    """The tiny model with lm_head tied to the input embeddings, then warmed up like warm_dir
+    (so that its groups mix right and wrong answers and the update has gradients)."""
+    from cepo.models import load_model, load_processor, save_processor_files
+    from cepo.warmup import WarmupConfig, build_warm_tiny
+
+    model = load_model(tiny_dir, device="cpu", dtype=torch.float32)
+    for config in (model.config, model.config.text_config):
+        config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    root = tmp_path_factory.mktemp("tied")
+    model.save_pretrained(root / "random")
+    save_processor_files(load_processor(tiny_dir), tiny_dir, root / "random")
+    warm = build_warm_tiny(root / "warm", WarmupConfig(steps=150), base=root / "random")
+    assert "lm_head.weight" not in load_file(warm / "model.safetensors")
+    return str(warm)
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, warm_dir, tied_dir):
     """(sharding, setup) -> run directory of a finished 2-process run, each trained once."""
     done = {}
 
     def get(sharding: str, setup: str = "lora") -> Path:
         if (sharding, setup) not in done:
             out = tmp_path_factory.mktemp(f"{sharding}-{setup}")
-            text = torchrun(warm_dir, out, sharding=sharding, **SETUPS[setup])
+            model = tied_dir if setup.startswith("full") else warm_dir
+            text = torchrun(model, out, sharding=sharding, **SETUPS[setup])
             assert "x2:" in text  # "cepo on cpu:0 x2: ..."
             done[sharding, setup] = out
         return done[sharding, setup]
@@ -109,17 +130,21 @@ def test_fsdp_lora_matches_ddp(two_process_runs):
 
 
 def test_fsdp_full_finetuning_matches_ddp(two_process_runs):
-    """Full fine-tuning puts trainable weights in the root unit (embeddings, lm_head, norm)."""
+    """Full fine-tuning puts trainable weights in the root unit (the tied embeddings / lm_head,
+    the final norm); the saved model leaves the tied lm_head out, as save_pretrained does."""
     ddp, fsdp = two_process_runs("none", "full"), two_process_runs("fsdp", "full")
-    assert_same_metrics(read(ddp / "metrics.jsonl"), read(fsdp / "metrics.jsonl"))
+    records = read(fsdp / "metrics.jsonl")
+    assert records[0]["rollout/mixed_groups"] > 0 and records[0]["ppo/grad_norm"] > 0
+    assert_same_metrics(read(ddp / "metrics.jsonl"), records)
     a, b = ckpt.latest_checkpoint(ddp), ckpt.latest_checkpoint(fsdp)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert_same_tensors(wa, wb)
     assert_same_optimizer(a, b)
     assert any("embed_tokens" in name for name in ckpt.load_optimizer(b)["state"])
+    assert "lm_head.weight" not in wb
 
 
-def test_fsdp_bf16_compute_keeps_fp32_weights_and_adamw(two_process_runs, warm_dir):
+def test_fsdp_bf16_compute_keeps_fp32_weights_and_adamw(two_process_runs, tied_dir):
     """fp32 model + --mixed_precision bf16: bf16 gathers and forwards, fp32 shards and AdamW."""
     out = two_process_runs("fsdp", "full-bf16")
     latest = ckpt.latest_checkpoint(out)
@@ -128,8 +153,8 @@ def test_fsdp_bf16_compute_keeps_fp32_weights_and_adamw(two_process_runs, warm_d
     state = ckpt.load_optimizer(latest)["state"]
     assert {s["exp_avg"].dtype for s in state.values()} == {torch.float32}
     step = read(out / "metrics.jsonl")[0]
-    assert step["ppo/optimizer_steps"] > 0 and 0 < step["ppo/grad_norm"] < 1e3
-    base = load_file(Path(warm_dir) / "model.safetensors")
+    assert step["rollout/mixed_groups"] > 0 and 0 < step["ppo/grad_norm"] < 1e3
+    base = load_file(Path(tied_dir) / "model.safetensors")
     moved = [k for k in weights if "layers" in k and not torch.equal(weights[k], base[k])]
     assert moved  # the update reached the fp32 shards
 
