@@ -35,9 +35,10 @@ def torchrun(warm_dir: str, out: Path, **extra) -> str:
     return proc.stdout + proc.stderr
 
 
-# full fine-tuning, one step, of the tiny model with tied embeddings as Qwen3-VL-2B/4B have them
+# full fine-tuning, one step, of the tiny model with tied embeddings as Qwen3-VL-2B/4B have them,
+# with gradient checkpointing as the GPU configs use it
 FULL = {"algo": "grpo", "lora.enabled": False, "steps": 1, "val.every": 0,
-        "val.before_train": False}
+        "val.before_train": False, "model.gradient_checkpointing": True}
 SETUPS = {
     "lora": {},
     "full": FULL,
