@@ -273,13 +273,17 @@ def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo
     negs = [policy_h.clone() for _ in range(config.num_neg)]
     active = [i for i, r in enumerate(rows) if scored[r]]
     if active:
+        # every teacher row of the micro-batch in one forward: r+ rows, then each r- set
+        targets = [(pos_h, active, [contexts.pos[rows[i]] for i in active])]
+        with_neg = [i for i in active if contexts.has_neg[rows[i]]]
+        if algo == "cepo" and with_neg:
+            targets += [(negs[k], with_neg, [contexts.neg[k][rows[i]] for i in with_neg])
+                        for k in range(config.num_neg)]
         with _teacher_weights(model, config):
-            pos_h[active] = forward([contexts.pos[rows[i]] for i in active], active)
-            with_neg = [i for i in active if contexts.has_neg[rows[i]]]
-            if algo == "cepo" and with_neg:
-                for k in range(config.num_neg):
-                    prefixes = [contexts.neg[k][rows[i]] for i in with_neg]
-                    negs[k][with_neg] = forward(prefixes, with_neg)
+            hidden = forward([p for _, _, prefixes in targets for p in prefixes],
+                             [i for _, sub, _ in targets for i in sub])
+        for (out, sub, _), part in zip(targets, hidden.split([len(s) for _, s, _ in targets])):
+            out[sub] = part
         if algo == "cepo" and config.neg_fallback == "positive":
             fallback = [i for i in active if not contexts.has_neg[rows[i]]]
             for k in range(config.num_neg):
