@@ -65,6 +65,9 @@ def shard(policy: torch.nn.Module, model: torch.nn.Module,
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # The root's forward takes the loss inputs (old log-probs, Â): never cast them to bf16.
+    root_precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise RuntimeError("sharding=fsdp needs several processes (accelerate launch / torchrun)")
     block_types = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
@@ -77,7 +80,7 @@ def shard(policy: torch.nn.Module, model: torch.nn.Module,
     for block in reversed(blocks):  # children before parents
         fully_shard(block, reshard_after_forward=True, mp_policy=precision)
     # the root: embeddings, final norm, lm_head, vision merger
-    fully_shard(policy, mp_policy=precision)
+    fully_shard(policy, mp_policy=root_precision)
     # FSDP takes the first module whose forward runs as the root; rollouts call the inner model
     # directly, so run the root's forward once now (PolicyLoss.forward() with no inputs: no-op).
     # The root keeps its weights gathered after a forward: reshard, so that the module holds the
