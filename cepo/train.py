@@ -282,19 +282,10 @@ def setup(cfg: TrainConfig) -> Run:
     model = prepare_trainable(model, cfg.lora, cfg.model)
     model.train()
     trainable, total = count_parameters(model)
-    found = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    found = finished if cfg.resume else None
     if found is not None:  # weights before wrapping: FSDP shards what is loaded
         load_checkpoint_weights(cfg, found, model, accelerator)
-    temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
-    policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend)
-    if cfg.sharding == "fsdp":  # FSDP2 by hand (cepo.sharding); the optimizer takes the shards
-        policy = sharding.shard(policy, model, MIXED.get(cfg.mixed_precision))
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    if cfg.sharding == "fsdp":
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer = wrap_for_training(cfg, model, accelerator)
 
     train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
                            seed=cfg.seed)
@@ -327,6 +318,19 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
                HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
                run_dir, start_step)
+
+
+def wrap_for_training(cfg: TrainConfig, model, accelerator):
+    """The loss module around `model`, wrapped for DDP or sharded with FSDP, and its AdamW."""
+    temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
+    policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend)
+    if cfg.sharding == "fsdp":  # FSDP2 by hand (cepo.sharding); the optimizer takes the shards
+        policy = sharding.shard(policy, model, MIXED.get(cfg.mixed_precision))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if cfg.sharding == "fsdp":
+        return policy, accelerator.prepare(optimizer)
+    return accelerator.prepare(policy, optimizer)  # DDP when there are several processes
 
 
 def make_accelerator(cfg: TrainConfig):
