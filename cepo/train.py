@@ -5,13 +5,15 @@
     python -m cepo.train --config configs/paper_2b.yaml    # the paper's Qwen3-VL-2B run
     python -m cepo.train --config configs/paper_2b.yaml --resume
     accelerate launch --num_processes 8 -m cepo.train --config configs/paper_2b.yaml
+    accelerate launch --num_processes 8 -m cepo.train --config configs/full_4b_fsdp.yaml
 
 `main` sets up (config, accelerator, model, optimizer, data, resume) and runs a plain loop over
 training steps; `train_step` is one step read top to bottom. One step is one rollout batch
 (SPEC §4): λ, the lr and the prompts of step k are functions of k, so a resumed run continues
 exactly. Several processes each take whole prompt groups (prompts are sharded, not rollouts), so
 r- is chosen from a complete group without communication; the loss is an exact global token mean
-(cepo.update) and metrics are averaged over processes.
+(cepo.update) and metrics are averaged over processes. The actor is replicated (DDP) or, with
+``--sharding fsdp``, sharded (cepo.sharding) and gathered whole for rollouts and scoring.
 """
 
 from __future__ import annotations
