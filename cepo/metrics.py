@@ -27,6 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+GIB = 2.0**30
 WANDB_ID_FILE = "wandb_id.txt"
 
 
@@ -197,6 +198,39 @@ def reduce_across(metrics: dict[str, float], accelerator) -> dict[str, float]:
         else:
             out[key] = column[seen].mean().item()
     return out
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this process stores for `tensor` (its own shard of a sharded DTensor)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 peaks: dict[str, float | None]) -> dict[str, float]:
+    """GiB held by this process: parameters (with FSDP, its shard), optimizer state, and the
+    peak allocated in each phase (`peak_memory_gib`; CUDA only). Keys end in ``_max``, so the
+    process with the most is reported."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    states = [v for state in optimizer.state.values() for v in state.values()
+              if isinstance(v, torch.Tensor)]
+    out = {
+        "memory/params_gib_max": sum(_local_bytes(p) for p in model.parameters()) / GIB,
+        "memory/optimizer_gib_max": sum(_local_bytes(t) for t in states) / GIB,
+    }
+    out.update({f"memory/peak_{phase}_gib_max": gib for phase, gib in peaks.items()
+                if gib is not None})
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """GiB allocated at most since `reset_peak_memory` (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
 def weight_stats(exp, eps_w: float) -> dict[str, float]:

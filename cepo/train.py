@@ -47,7 +47,16 @@ from cepo.data import Example, iter_batches, load_split
 from cepo.eval import evaluate
 from cepo.experience import ExperienceConfig, default_grader, make_experience
 from cepo.lora import count_parameters, parameter_groups, prepare_trainable
-from cepo.metrics import MetricsWriter, progress_bar, reduce_across, summarize, weight_stats
+from cepo.metrics import (
+    MetricsWriter,
+    memory_stats,
+    peak_memory_gib,
+    progress_bar,
+    reduce_across,
+    reset_peak_memory,
+    summarize,
+    weight_stats,
+)
 from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
 from cepo.rollout import HFRolloutEngine
 from cepo.schedule import lam_at, lr_at
@@ -110,17 +119,24 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
     # 2-4. G rollouts per prompt → rewards → GRPO advantages A → student and teacher log-probs
     #      → Δ, w, Â, one fused kernel call per micro-batch (no teachers when λ = 0 or grpo)
+    device = run.accelerator.device
+    reset_peak_memory(device)
     with sharding.full_weights(run.policy):  # FSDP: gathered once for the whole phase
         exp = make_experience(run.model, run.processor, examples, lam=lam,
                               config=run.experience, engine=run.engine,
                               grader=default_grader(cfg.grader_timeout_s))
+    peaks = {"experience": peak_memory_gib(device)}
+    reset_peak_memory(device)
 
     # 5. PPO on mini-batches: fused log-probs + dual-clip loss, accumulation, clipping, AdamW
     update = ppo_update(run.policy, run.optimizer, exp, cfg.ppo, grad_clip=cfg.optim.grad_clip,
                         accelerator=run.accelerator, generator=step_generator(cfg.seed, step))
 
-    # 6. metrics, averaged over processes
-    metrics = {**exp.metrics, **weight_stats(exp, cfg.cepo.eps_w), **update, "lr": lr}
+    peaks["update"] = peak_memory_gib(device)
+
+    # 6. metrics, averaged over processes (memory: the largest process)
+    metrics = {**exp.metrics, **weight_stats(exp, cfg.cepo.eps_w), **update, "lr": lr,
+               **memory_stats(run.model, run.optimizer, peaks)}
     generated = float(exp.response_mask.sum())
     metrics["tokens/generated"] = generated
     metrics["throughput/rollout_tok_s"] = generated / max(metrics["time/rollout"], 1e-9)

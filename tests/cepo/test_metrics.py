@@ -205,3 +205,20 @@ def test_weight_clip_fraction():
     assert stats["cepo/weight_clip_frac_high"] == pytest.approx(1 / 5)
     exp.scores.teacher_scored = torch.tensor([False, False])
     assert weight_stats(exp, 0.5) == {}
+
+
+def test_memory_stats_count_parameters_and_adamw_state():
+    from cepo.metrics import GIB, memory_stats
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)).double()
+    opt = torch.optim.AdamW(net.parameters())
+    before = memory_stats(net, opt, {"experience": None})
+    params = (3 * 5 + 5 + 5 * 2 + 2) * 8  # float64
+    assert before == {"memory/params_gib_max": params / GIB, "memory/optimizer_gib_max": 0.0}
+    net(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    after = memory_stats(net, opt, {"experience": 1.5, "update": 2.0})
+    step_counters = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
+    assert after["memory/optimizer_gib_max"] == (2 * params + step_counters) / GIB  # m and v
+    assert after["memory/peak_experience_gib_max"] == 1.5
+    assert after["memory/peak_update_gib_max"] == 2.0

@@ -17,7 +17,8 @@ from cepo import checkpoint as ckpt
 from cepo.metrics import read
 from cepo.warmup import WarmupConfig, build_warm_tiny
 
-VOLATILE = ("time/", "throughput/")  # wall-clock numbers differ between any two runs
+# wall-clock numbers and (on CUDA) allocator peaks differ between any two runs
+VOLATILE = ("time/", "throughput/", "memory/peak")
 
 
 def train_args(warm_dir, out, algo="cepo", steps=2, **extra) -> list[str]:
@@ -58,7 +59,8 @@ def test_two_step_run(runs, algo):
     first = records[1]
     for key in ("reward/mean", "reward/accuracy", "reward/format", "rollout/response_length",
                 "cepo/lambda", "lr", "ppo/loss", "ppo/clip_frac", "ppo/grad_norm",
-                "time/rollout", "time/score", "time/update", "throughput/rollout_tok_s"):
+                "time/rollout", "time/score", "time/update", "throughput/rollout_tok_s",
+                "memory/params_gib_max", "memory/optimizer_gib_max"):
         assert key in first, key
     # mixed groups from the first step: non-zero advantages to learn from
     assert first["rollout/mixed_groups"] > 0 and first["cepo/adv_pre"] > 0
