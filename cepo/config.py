@@ -183,6 +183,11 @@ class LogConfig:
     wandb: bool = False  # needs the wandb package (and a login, or WANDB_MODE=offline)
     wandb_project: str = "cepo"
     run_name: str | None = None  # None: the output directory's name
+    samples_per_step: int = 2  # rollouts with per-token Δ, w, Â to samples.jsonl; 0: none
+
+    def __post_init__(self):
+        _require(self.samples_per_step >= 0, "log.samples_per_step", self.samples_per_step,
+                 "an integer >= 0")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from cepo.metrics import (
 )
 from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
 from cepo.rollout import HFRolloutEngine
+from cepo.samples import SampleWriter
 from cepo.schedule import lam_at, lr_at
 from cepo.update import PolicyLoss, check_replicas, ppo_update
 
@@ -84,6 +85,7 @@ class Run:
     train_set: list[Example]
     val_set: list[Example]
     writer: MetricsWriter
+    samples: SampleWriter  # a few rollouts per step with their per-token credit
     run_dir: Path
     start_step: int
 
@@ -133,6 +135,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                         accelerator=run.accelerator, generator=step_generator(cfg.seed, step))
 
     peaks["update"] = peak_memory_gib(device)
+    run.samples.write(exp, run.processor.tokenizer, step)
 
     # 6. metrics, averaged over processes (memory: the largest process)
     metrics = {**exp.metrics, **weight_stats(exp, cfg.cepo.eps_w), **update, "lr": lr,
@@ -329,13 +332,15 @@ def setup(cfg: TrainConfig) -> Run:
                            tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                            wandb_project=cfg.log.wandb_project, run_name=cfg.log.run_name,
                            config=to_dict(cfg))
+    samples = SampleWriter(run_dir, cfg.log.samples_per_step,
+                           enabled=accelerator.is_main_process, resume_step=start_step)
     experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
                                   grader_timeout_s=cfg.grader_timeout_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
                                   teacher=cfg.teacher)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
                HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
-               run_dir, start_step)
+               samples, run_dir, start_step)
 
 
 def wrap_for_training(cfg: TrainConfig, model, accelerator):

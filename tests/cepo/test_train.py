@@ -7,6 +7,7 @@ the first step."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,33 @@ def test_two_step_run(runs, algo):
     for name in (weights, "optimizer.pt", "config.yaml", "trainer_state.json", "rng/rank-0.pt"):
         assert (latest / name).is_file(), name
     assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(latest)
+    check_samples(out, algo, records)
+
+
+def check_samples(out: Path, algo: str, records: list[dict]) -> None:
+    """samples.jsonl: the best and worst rollout of a mixed group per step, every response token
+    with Δ, w, Â that obey SPEC §2 given A, λ and ε_w = 0.5 (values are rounded to 1e-4)."""
+    samples = read(out / "samples.jsonl")
+    assert sorted({r["step"] for r in samples}) == [1, 2]
+    lam = {r["step"]: r["cepo/lambda"] for r in records if "cepo/lambda" in r}
+    for sample in samples:
+        assert sample["tokens"] and sample["advantage"] != 0 and sample["answer"]
+        assert "".join(t[0] for t in sample["tokens"]).strip().startswith(
+            sample["response"].strip()[:5])
+        for _, delta, weight, adv in sample["tokens"]:
+            a = sample["advantage"]
+            if sample["teachers"]:
+                sign = 1.0 if a > 0 else -1.0
+                want = min(max(math.exp(sign * delta), 0.5), 1.5)
+                assert weight == pytest.approx(want, abs=2e-4)
+            else:
+                assert weight == 1.0
+            l_ = lam[sample["step"]]
+            assert adv == pytest.approx(a * ((1 - l_) + l_ * weight), abs=2e-4)
+    by_step = [[s for s in samples if s["step"] == k] for k in (1, 2)]
+    assert all(len(s) == 2 and s[0]["advantage"] > 0 > s[1]["advantage"] for s in by_step)
+    if algo != "grpo":
+        assert any(s["teachers"] and any(t[2] != 1.0 for t in s["tokens"]) for s in samples)
 
 
 def test_rerun_without_resume_refuses_to_overwrite(runs, warm_dir):
@@ -118,6 +146,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, warm_dir, monkeypatch):
             if not key.startswith(VOLATILE):
                 assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
     assert b[2]["cepo/lambda"] == pytest.approx(0.5 * (1 - 2 / 25))  # λ continues
+    sa, sb = read(straight / "samples.jsonl"), read(crashed / "samples.jsonl")
+    assert [r["step"] for r in sb] == [r["step"] for r in sa] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert [r["response"] for r in sb] == [r["response"] for r in sa]
     from safetensors.torch import load_file
 
     wa = load_file(ckpt.latest_checkpoint(straight) / "adapter_model.safetensors")
