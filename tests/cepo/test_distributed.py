@@ -182,3 +182,20 @@ def test_resume_across_layouts(tmp_path, two_process_runs, warm_dir):
 def test_fsdp_needs_several_processes(warm_dir, tmp_path):
     with pytest.raises(SystemExit, match="at least 2 processes"):
         train_module.main(train_args(warm_dir, str(tmp_path / "one"), sharding="fsdp"))
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
+def test_other_launchers_are_refused_with_advice(monkeypatch, kind):
+    """accelerate's DeepSpeed / FSDP plugins would wrap the model behind the trainer's back."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from cepo.config import build_config
+
+    class Launched:
+        def __init__(self, **kwargs):
+            self.distributed_type, self.num_processes = DistributedType[kind], 8
+
+    monkeypatch.setattr(accelerate, "Accelerator", Launched)
+    with pytest.raises(SystemExit, match=f"distributed_type={kind} is not supported.*--sharding"):
+        train_module.make_accelerator(build_config(["--device", "cpu"]))
