@@ -124,13 +124,18 @@ def save_optimizer(state: dict[str, Any], directory: Path) -> None:
     torch.save(state, directory / "optimizer.pt")
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (itself when not wrapped)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def optimizer_param_names(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The names of the optimizer's parameters, in its order, as `policy` (unwrapped from DDP)
     names them: the keys of torch.distributed.checkpoint's optimizer state dicts."""
     module = getattr(policy, "module", policy)  # DDP
     name_of = {id(p): name for name, p in module.named_parameters()}
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = unwrap_optimizer(optimizer).param_groups
+    return [name_of[id(p)] for group in groups for p in group["params"]]
 
 
 def named_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cepo.checkpoint import unwrap_optimizer
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -211,8 +213,7 @@ def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """GiB held by this process: parameters (with FSDP, its shard), optimizer state, and the
     peak allocated in each phase (`peak_memory_gib`; CUDA only). Keys end in ``_max``, so the
     process with the most is reported."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
-    states = [v for state in optimizer.state.values() for v in state.values()
+    states = [v for state in unwrap_optimizer(optimizer).state.values() for v in state.values()
               if isinstance(v, torch.Tensor)]
     out = {
         "memory/params_gib_max": sum(_local_bytes(p) for p in model.parameters()) / GIB,

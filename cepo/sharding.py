@@ -22,10 +22,11 @@ from collections.abc import Iterator
 
 import torch
 
+from cepo.checkpoint import unwrap_optimizer
 from cepo.models import unwrap_model
 
 
-def _fsdp():
+def _fully_shard():
     try:
         from torch.distributed.fsdp import FSDPModule, fully_shard
     except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
@@ -35,7 +36,7 @@ def _fsdp():
         ) from None
     if not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise RuntimeError(f"sharding=fsdp needs torch >= 2.7; this is torch {torch.__version__}")
-    return FSDPModule, fully_shard
+    return fully_shard
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
@@ -61,7 +62,7 @@ def shard(policy: torch.nn.Module, model: torch.nn.Module,
     parameters' own dtype (fp32 for full fine-tuning). Needs an initialised process group.
     Build the optimizer *after* this (it must hold the sharded parameters).
     """
-    _, fully_shard = _fsdp()
+    fully_shard = _fully_shard()
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -145,17 +146,15 @@ def gather_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     """The full AdamW state (keyed by parameter name) on the main process; call on every process."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(policy, _inner(optimizer), options=_options(cpu_offload=True))
+    return get_optimizer_state_dict(policy, unwrap_optimizer(optimizer),
+                                    options=_options(cpu_offload=True))
 
 
-def load_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a `gather_optimizer` state: the main process passes it, the others ``{}``."""
+def scatter_optimizer(policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      state: dict) -> None:
+    """Load a `gather_optimizer` state into the shards: the main process passes it, the others
+    ``{}``."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(policy, _inner(optimizer), state,
+    set_optimizer_state_dict(policy, unwrap_optimizer(optimizer), state,
                              options=_options(broadcast_from_rank0=True))
-
-
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)

@@ -370,8 +370,8 @@ def make_accelerator(cfg: TrainConfig):
         raise SystemExit(
             f"config error: accelerate distributed_type={kind} is not supported. Launch with a "
             "multi-GPU config (configs/accelerate/8gpu.yaml) and pass --sharding fsdp to "
-            "shard weights, gradients and optimizer state (configs/accelerate/fsdp_8gpu.yaml "
-            "has both); the trainer applies FSDP itself (cepo/sharding.py)."
+            "shard weights, gradients and optimizer state (configs/full_4b_fsdp.yaml sets it); "
+            "the trainer applies FSDP itself (cepo/sharding.py)."
         )
     if cfg.sharding == "fsdp" and accelerator.num_processes < 2:
         raise SystemExit("config error: sharding='fsdp' needs at least 2 processes (accelerate "
@@ -398,11 +398,11 @@ def resume_state(cfg: TrainConfig, found: Path, policy, optimizer, accelerator) 
     checkpoint resumes under FSDP and back.
     """
     if cfg.checkpoint.save_optimizer:
-        names = ckpt.optimizer_param_names(policy, optimizer)
         if cfg.sharding == "fsdp":  # the main process reads the file, FSDP scatters the shards
             state = ckpt.load_optimizer(found) if accelerator.is_main_process else {}
-            sharding.load_optimizer(policy, optimizer, state)
+            sharding.scatter_optimizer(policy, optimizer, state)
         else:
+            names = ckpt.optimizer_param_names(policy, optimizer)
             optimizer.load_state_dict(ckpt.indexed_optimizer_state(ckpt.load_optimizer(found),
                                                                    names))
     ckpt.load_rng(found, accelerator.process_index)
