@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ from .trl_teachers import (
 
 __all__ = ["CEPOBatch", "CEPOConfig", "CEPOGRPOTrainer"]
 
+logger = logging.getLogger(__name__)
 MIN_TRL = Version("1.16.0")
 IGNORE_INDEX = -100
 
@@ -208,6 +210,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
                                  k=args.cepo_num_neg)
             for j in range(0, len(verdicts.answers), g)]
         wrong = [wrong_by_group[(offset + i) // g] for i in range(b)]
+        self._cepo_warn_no_neg(verdicts, wrong_by_group, g)
         student = row_prefixes(out, with_images=True)
         teacher = student if args.cepo_teacher_images else row_prefixes(
             out, with_images=False, drop_token_ids=self._cepo_vision_markers)
@@ -298,6 +301,24 @@ class CEPOGRPOTrainer(GRPOTrainer):
                 policy_h.to(dtype), pos_h.to(dtype), neg_h.to(dtype), weight, labels,
                 adv.to(device), mask=labels != IGNORE_INDEX, lam=lam, eps_w=args.cepo_eps_w,
                 bias=bias, temperature=self.temperature, backend=args.cepo_backend)
+
+    _cepo_warned_no_neg = False
+
+    def _cepo_warn_no_neg(self, verdicts: _Verdicts, wrong_by_group: list, g: int) -> None:
+        """Once per trainer: groups with rejected rollouts but no r- (no rejected completion
+        holds a \\boxed{} answer), so T- falls back for all of them."""
+        rejected = [any(a == 0 for a in verdicts.accuracy[j: j + g])
+                    for j in range(0, len(verdicts.accuracy), g)]
+        lacking = sum(r and not w for r, w in zip(rejected, wrong_by_group))
+        if lacking == 0 or self._cepo_warned_no_neg:
+            return
+        self._cepo_warned_no_neg = True
+        logger.warning(
+            "CEPO: %d of %d groups have rejected completions but none with a \\boxed{} answer, "
+            "so they have no wrong answer r- to show the T- teacher; T- falls back to %s for "
+            "them (cepo_neg_fallback). r- is the last \\boxed{...} of a rejected completion: "
+            "prompt the model to box its final answer (see cepo/frac_groups_with_neg). "
+            "Warned once.", lacking, len(rejected), self.args.cepo_neg_fallback)
 
     def _cepo_log(self, grpo, delta, loss_mask, scored, wrong_by_group, k) -> None:
         """Δ statistics by sign of A and the fraction of clipped token weights, over processes."""

@@ -382,3 +382,29 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
     trainer.args.cepo_teacher_images = False
     not_seeing = trainer._cepo_advantages(out, truths, verdicts, 2, 0.5)
     assert not torch.equal(seeing, not_seeing)
+
+
+def test_groups_without_a_boxed_wrong_answer_are_warned_once(caplog):
+    """A rejected completion without \\boxed{} cannot be r-: the fallback is announced once."""
+    from types import SimpleNamespace
+
+    from cepo.teachers import select_wrong_answers
+    from cepo_kernels.integrations.trl import _Verdicts
+
+    verdicts = _Verdicts(answers=["3", None, "3", "5", None, None],
+                         accuracy=[1.0, 0.0, 1.0, 0.0, 1.0, 1.0], rewards=[1, 0, 1, 0, 1, 1])
+    by_group = [select_wrong_answers(verdicts.answers[j: j + 2], verdicts.rewards[j: j + 2],
+                                     verdicts.accuracy[j: j + 2]) for j in (0, 2, 4)]
+    assert by_group == [[], ["5"], []]  # group 0: rejected but unboxed; group 2: all correct
+    me = SimpleNamespace(args=SimpleNamespace(cepo_neg_fallback="student"),
+                         _cepo_warned_no_neg=False)
+    with caplog.at_level("WARNING", logger="cepo_kernels.integrations.trl"):
+        CEPOGRPOTrainer._cepo_warn_no_neg(me, verdicts, by_group, 2)
+        CEPOGRPOTrainer._cepo_warn_no_neg(me, verdicts, by_group, 2)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "1 of 3 groups" in warned[0] and "falls back to student" in \
+        warned[0] and "\\boxed{}" in warned[0]
+    me = SimpleNamespace(args=me.args, _cepo_warned_no_neg=False)
+    caplog.clear()
+    CEPOGRPOTrainer._cepo_warn_no_neg(me, verdicts, [["7"], ["5"], []], 2)
+    assert not caplog.records  # every group with a rejected rollout has its r-
