@@ -257,7 +257,8 @@ def summarize(history: Iterable[dict[str, Any]], *, window: int = 3) -> dict[str
     train = [r for r in history if "reward/mean" in r]
     val = [r for r in history if "val/accuracy" in r]
     out: dict[str, Any] = {"steps": len(train)}
-    if train:
+    if train:  # windows never overlap: a 3-step run compares step 1 with step 3
+        window = max(1, min(window, len(train) // 2))
         head, tail = train[:window], train[-window:]
         for key in ("reward/mean", "reward/accuracy", "reward/format"):
             out[f"{key} start"] = sum(r[key] for r in head) / len(head)

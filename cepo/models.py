@@ -95,8 +95,8 @@ def load_processor(name_or_path: str, **kwargs):
     if torchvision_available() or model_type != "qwen3_vl":
         processor = AutoProcessor.from_pretrained(path, **kwargs)
     else:
-        if not _FALLBACK_ANNOUNCED:
-            logger.warning(
+        if not _FALLBACK_ANNOUNCED:  # not a problem for training (no videos): debug only
+            logger.debug(
                 "torchvision is not installed: using the image-only Qwen3-VL processor "
                 "(images work as usual; videos are not supported)"
             )

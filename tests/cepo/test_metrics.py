@@ -183,6 +183,15 @@ def test_summarize_start_vs_end():
     assert (out["val/accuracy start"], out["val/accuracy end"]) == (0.1, 0.3)
 
 
+@pytest.mark.parametrize("steps, start, end", [(3, 0.1, 0.3), (4, 0.15, 0.35), (1, 0.1, 0.1)])
+def test_summarize_windows_never_overlap_on_short_runs(steps, start, end):
+    history = [{"step": s, "reward/mean": s / 10, "reward/accuracy": 0.0, "reward/format": 1.0}
+               for s in range(1, steps + 1)]
+    out = summarize(history)
+    assert (out["reward/mean start"], out["reward/mean end"]) == (pytest.approx(start),
+                                                                  pytest.approx(end))
+
+
 def test_reduce_on_one_process_is_identity():
     metrics = {"a": 1.0, "b_max": 2.0}
     assert reduce_across(metrics, None) is metrics
