@@ -155,10 +155,10 @@ def _load_checkpoint_model(cfg, path: Path, device: str) -> torch.nn.Module:
     from cepo.models import load_model
 
     if (path / "adapter_model.safetensors").is_file():
-        from peft import PeftModel
+        from cepo.lora import load_adapter
 
         base = load_model(cfg.model.name, device=device)
-        return PeftModel.from_pretrained(base, str(path)).eval()
+        return load_adapter(base, path).eval()
     return load_model(str(path), device=device)
 
 

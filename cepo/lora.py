@@ -16,6 +16,8 @@ import argparse
 import logging
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,8 +28,29 @@ from cepo.models import unwrap_model
 logger = logging.getLogger(__name__)
 
 
-def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
-    """`model` wrapped by peft with fresh LoRA adapters (only the adapters require grad)."""
+@contextmanager
+def quiet_peft():
+    """peft reads a transformers property renamed in 5.x (``is_gradient_checkpointing``): a
+    FutureWarning on every load that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
+def load_adapter(base: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """`base` with the saved peft adapter of checkpoint directory `path`."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(path))
+
+
+def apply_lora(model: torch.nn.Module, settings: LoraSettings,
+               base_name: str | None = None) -> torch.nn.Module:
+    """`model` wrapped by peft with fresh LoRA adapters (only the adapters require grad).
+
+    `base_name` (the configured model name, e.g. ``tiny-warm`` or a hub id) is what saved
+    adapters record as their base, instead of the resolved, machine-specific local path."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules)
@@ -40,10 +63,13 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
         bias="none",
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with quiet_peft():
+            peft_model = get_peft_model(model, config)
     except ValueError as err:  # peft: "Target modules ... not found in the base model"
         raise ValueError(f"lora.target_modules={settings.target_modules} matched no module of "
                          f"the model ({err})") from None
+    if base_name:
+        peft_model.peft_config["default"].base_model_name_or_path = base_name
     adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
     if not adapted:
         raise ValueError(
@@ -56,7 +82,7 @@ def prepare_trainable(model: torch.nn.Module, lora: LoraSettings, mcfg: ModelCon
     """The model to train: LoRA-wrapped, or the full model with the vision tower optionally
     frozen. Returns the model with exactly its trainable parameters requiring grad."""
     if lora.enabled:
-        return apply_lora(model, lora)
+        return apply_lora(model, lora, base_name=mcfg.name)
     model.requires_grad_(True)
     if mcfg.freeze_vision:
         visual = getattr(unwrap_model(model).model, "visual", None)
@@ -88,14 +114,22 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------- merging
 
 
+def readable_by_all(directory: Path) -> None:
+    """Give the files of `directory` the usual mode (0644 under the common umask 022): the
+    safetensors writer creates 0600 files, which a server running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o666 & ~umask)
+
+
 def merge_adapter(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Fold a checkpoint's LoRA adapter into its base model; write a standalone model to `output`.
 
     `checkpoint` is a checkpoint directory or a run directory (its latest checkpoint). The base
     model is the one named in the checkpoint's config.yaml. Weights keep the base's dtype.
     """
-    from peft import PeftModel
-
     from cepo.checkpoint import resolve_checkpoint_path
     from cepo.config import from_yaml
     from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
@@ -109,12 +143,13 @@ def merge_adapter(checkpoint: str | os.PathLike, output: str | os.PathLike) -> P
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}.get(cfg.model.dtype)
     base = load_model(base_path, device="cpu", dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    merged = load_adapter(base, path).merge_and_unload()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     save_processor_files(load_processor(base_path), base_path, out)
     shutil.copy2(path / "config.yaml", out / "cepo_config.yaml")
+    readable_by_all(out)
     logger.info("merged %s into %s -> %s", path, cfg.model.name, out)
     return out
 

@@ -7,7 +7,9 @@ the first step."""
 from __future__ import annotations
 
 import json
+import os
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -172,9 +174,17 @@ def test_eval_and_merge_a_saved_run(runs, tmp_path, model, encoded):
     assert result["val/examples"] == 4 and 0 <= result["val/accuracy"] <= 1
     assert (ckpt.latest_checkpoint(out) / "eval.json").is_file()
 
-    merged_dir = merge_adapter(out, tmp_path / "merged")
+    with warnings.catch_warnings(record=True) as caught:  # peft's FutureWarning is silenced
+        warnings.simplefilter("always")
+        merged_dir = merge_adapter(out, tmp_path / "merged")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     for name in ("model.safetensors", "config.json", "tokenizer.json", "cepo_config.yaml"):
         assert (merged_dir / name).is_file(), name
+    umask = os.umask(0)
+    os.umask(umask)  # the safetensors writer makes 0600 files; a server may run as another user
+    assert (merged_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    adapter_config = json.loads((ckpt.latest_checkpoint(out) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == from_yaml(out / "config.yaml").model.name
     merged = load_model(str(merged_dir), device="cpu")
     base = load_model(from_yaml(out / "config.yaml").model.name, device="cpu")
     adapted = PeftModel.from_pretrained(base, str(ckpt.latest_checkpoint(out))).eval()
