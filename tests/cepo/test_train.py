@@ -195,10 +195,14 @@ def test_eval_and_merge_a_saved_run(runs, tmp_path, model, encoded):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_warm_model_is_cached(warm_dir):
+def test_warm_model_is_cached(warm_dir, monkeypatch):
     """A second build with the same recipe is a cache hit (the stamp matches), not a rebuild."""
-    import time
+    import cepo.warmup
 
-    clock = time.perf_counter()
+    def no_rebuild(*args):
+        raise AssertionError("the cached warm model was rebuilt")
+
+    monkeypatch.setattr(cepo.warmup, "_warm_up", no_rebuild)
     assert str(build_warm_tiny(warm_dir, WarmupConfig(steps=150))) == warm_dir
-    assert time.perf_counter() - clock < 1.0
+    with pytest.raises(AssertionError, match="rebuilt"):  # another recipe is not a hit
+        build_warm_tiny(Path(warm_dir).parent / "other-warm", WarmupConfig(steps=151))
