@@ -30,7 +30,7 @@ SKIP_DIRS = {"__pycache__", "runs", "build", "dist"}
 
 # References to working notes that live outside the repository (a reader cannot follow them).
 PRIVATE_NOTES = re.compile(
-    r"SPEC\s*§|SPEC\.md|KERNEL_ANCHORS|TRAINER_ANCHORS|shared notes|\.\./shared|/work/shared"
+    r"\bSPEC\b|KERNEL_ANCHORS|TRAINER_ANCHORS|shared notes|\.\./shared|/work/shared"
     r"|\b[Ii]ssue \d+\b"
 )
 # `docs/METHOD.md, "Section"` (also with a Markdown link, "section" or several quoted names).
@@ -94,7 +94,7 @@ def test_references_to_method_sections_resolve():
 
 def test_the_patterns_catch_what_they_should():
     """The scanner itself: each kind of private reference is caught, ordinary text is not."""
-    caught = ["see SPEC §2", "SPEC.md", "KERNEL_ANCHORS rule 3", "TRAINER_ANCHORS",
+    caught = ["see SPEC §2", "SPEC.md", 'one SPEC "step"', "KERNEL_ANCHORS rule 3", "TRAINER_ANCHORS",
               "the project's shared notes", "../shared/x", "Goals (issue 5)"]
     clean = ["SPECIAL_TOKENS", "PIP_SPEC", "docs/METHOD.md", "an issue with 5 rows"]
     assert all(PRIVATE_NOTES.search(t) for t in caught)
