@@ -24,6 +24,7 @@ from .validation import (
     check_streams,
     check_temperature,
     check_weights_hparams,
+    index_labels,
 )
 
 
@@ -51,15 +52,18 @@ class ContrastiveEvidence(NamedTuple):
 
 
 def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden"):
+    """Check every input; returns the labels as int64 (any integer dtype is accepted)."""
     check_linear_inputs(hidden, weight, labels, bias, hidden_name=name)
     check_temperature(temperature)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = index_labels(labels)
     if validate:
         check_label_values(labels, weight.shape[0], ignore_index)
         check_finite(name, hidden)
         if bias is not None:
             check_finite("bias", bias)  # mask tokens with a large finite negative bias, not −inf
+    return labels
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -73,13 +77,13 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Args:
         hidden: (..., D) hidden states just before the lm_head (any float dtype).
         weight: (V, D) lm_head weight; no weight gradient is computed if it does not require grad.
-        labels: (...) integer token ids, ``ignore_index`` at positions to skip.
+        labels: (...) token ids of any integer dtype, ``ignore_index`` at positions to skip.
         return_entropy: also return the (differentiable) per-token entropy.
         backend: "auto" | "triton" | "torch" (see ``cepo_kernels.backend``).
         validate: check label range and finiteness of ``hidden`` (one host sync each).
         chunk_tokens, chunk_vocab: tile sizes of the torch backend.
     """
-    _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
+    labels = _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
     chosen = resolve_backend(backend, hidden.device, hidden.dtype)
     lead = labels.shape
     if labels.numel() == 0:
@@ -100,8 +104,8 @@ def _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels, bias, temper
     negs = [neg_hidden] if neg_hidden.shape == policy_hidden.shape else list(neg_hidden.unbind(0))
     check_same_dtype(("policy_hidden", "pos_hidden", "neg_hidden"),
                      (policy_hidden, pos_hidden, neg_hidden))
-    _prepare(policy_hidden, weight, labels, bias, temperature, ignore_index, validate,
-             name="policy_hidden")
+    labels = _prepare(policy_hidden, weight, labels, bias, temperature, ignore_index, validate,
+                      name="policy_hidden")
     check_same_device(policy_hidden=policy_hidden, pos_hidden=pos_hidden, neg_hidden=neg_hidden)
     if validate:
         check_finite("pos_hidden", pos_hidden)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .functional import LogProbsOutput, fused_linear_logprobs
 from .loss import PPOLossOutput, ppo_clip_loss
-from .validation import check_mask
+from .validation import check_mask, check_tensor, index_labels
 
 
 class FusedLinearLogProbs(nn.Module):
@@ -53,7 +53,9 @@ class CEPOLoss(nn.Module):
 
     def forward(self, hidden, weight, labels, old_logprobs, advantages, mask, bias=None,
                 normalizer: Optional[float] = None) -> PPOLossOutput:
+        check_tensor("labels", labels, integer=True)
         check_mask(mask, labels.shape, "labels")
+        labels = index_labels(labels)
         labels = torch.where(mask, labels, torch.full_like(labels, self.ignore_index))
         out = fused_linear_logprobs(hidden, weight, labels, bias=bias,
                                     temperature=self.temperature, ignore_index=self.ignore_index,

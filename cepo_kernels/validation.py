@@ -76,8 +76,13 @@ def check_linear_inputs(hidden, weight, labels, bias, *, hidden_name: str = "hid
     check_same_device(**{hidden_name: hidden, "weight": weight, "labels": labels, "bias": bias})
 
 
+def index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any dtype as int64 indices (a uint8 index would be a boolean mask)."""
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
+
+
 def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be in [0, V) or equal ignore_index (one host sync)."""
+    """Labels (int64, see ``index_labels``) must be in [0, V) or equal ignore_index (one sync)."""
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
