@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_mask, check_tensor, check_weights_hparams
+from .validation import check_finite, check_mask, check_tensor, check_weights_hparams
 
 
 class TokenWeights(NamedTuple):
@@ -53,7 +53,7 @@ def token_weights(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w) -
 
 def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
                     neg_logprobs: torch.Tensor, mask: Optional[torch.Tensor], *, lam: float,
-                    eps_w: float) -> torch.Tensor:
+                    eps_w: float, validate: bool = True) -> torch.Tensor:
     """Â per SPEC §2 from any log-probs; pass the student's as ``neg_logprobs`` to get RLSD.
 
     Args:
@@ -62,6 +62,7 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
         neg_logprobs: log P_T-(y_t), same shape.
         mask: bool, True at response tokens; Â is 0 elsewhere. None means every position counts.
         lam: λ ∈ [0, 1]; eps_w: ε_w ∈ [0, 1).
+        validate: check that the advantages of the positions that count are finite (one sync).
     """
     check_weights_hparams(lam, eps_w)
     check_tensor("pos_logprobs", pos_logprobs, floating=True)
@@ -72,4 +73,6 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
     if mask is not None:
         check_mask(mask, pos_logprobs.shape, "log-probs")
     adv = broadcast_advantages(advantages, pos_logprobs)
+    if validate:
+        check_finite("advantages", adv, where=mask)
     return token_weights(adv, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w).advantages

@@ -61,6 +61,7 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, 
     if validate:
         check_label_values(labels, weight.shape[0], ignore_index)
         check_finite(name, hidden)
+        check_finite("weight", weight)
         if bias is not None:
             check_finite("bias", bias)  # mask tokens with a large finite negative bias, not −inf
     return labels
@@ -80,7 +81,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         labels: (...) token ids of any integer dtype, ``ignore_index`` at positions to skip.
         return_entropy: also return the (differentiable) per-token entropy.
         backend: "auto" | "triton" | "torch" (see ``cepo_kernels.backend``).
-        validate: check label range and finiteness of ``hidden`` (one host sync each).
+        validate: check label range and finiteness of ``hidden``, ``weight`` and ``bias`` (one
+            host sync each).
         chunk_tokens, chunk_vocab: tile sizes of the torch backend.
     """
     labels = _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
@@ -154,7 +156,8 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
 
     ``advantages`` are per token (shaped like ``labels``) or per sequence (labels.shape[0],).
     ``mask`` (bool, like labels) marks tokens that count; positions whose label is
-    ``ignore_index`` are always excluded. Â is 0 outside.
+    ``ignore_index`` are always excluded. Â is 0 outside. ``validate`` also checks that the
+    advantages of the tokens that count are finite.
     """
     check_weights_hparams(lam, eps_w)
     return _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantages, mask,
@@ -176,6 +179,8 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
         if mask is not None:
             check_mask(mask, labels.shape, "labels")
             valid = valid & mask.reshape(-1)
+        if validate:
+            check_finite("advantages", adv, where=valid)
     if flat_labels.numel() == 0:
         z = torch.zeros(lead, dtype=torch.float32, device=labels.device)
         return ContrastiveEvidence(z, z, z, z, z.clone() + 1.0, z, chosen)
@@ -203,6 +208,7 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
     return ContrastiveEvidence(*shaped, chosen)
 
 
-def cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w):
+def cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w, validate=True):
     """Re-exported from ``cepo_kernels.advantages`` (see there)."""
-    return _adv.cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w)
+    return _adv.cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w,
+                                validate=validate)

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .advantages import broadcast_advantages
-from .validation import check_mask, check_tensor
+from .validation import check_finite, check_mask, check_positive, check_tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -32,7 +32,7 @@ def _masked_mean(x, mask, count):
 def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.28,
                   clip_dual: float = 3.0, aggregation: str = "token-mean",
-                  normalizer: Optional[float] = None) -> PPOLossOutput:
+                  normalizer: Optional[float] = None, validate: bool = True) -> PPOLossOutput:
     """Dual-clip PPO loss over the valid tokens of a batch.
 
     Args:
@@ -45,7 +45,9 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
             ``seq-mean-token-sum-norm`` (Dr. GRPO: Σℓ / (B · T), T = a constant normaliser).
         normalizer: overrides the denominator: the global token count for ``token-mean``
             (exact token mean across gradient-accumulation micro-batches and processes), or the
-            constant T for ``seq-mean-token-sum-norm``.
+            constant T for ``seq-mean-token-sum-norm``; a finite number > 0.
+        validate: check that the advantages of the tokens that count are finite (one host
+            sync); off in a hot loop whose inputs are known to be good.
     """
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
         check_tensor(name, t, floating=True)
@@ -58,7 +60,11 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_dual > 1):
         raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_dual > 1; got "
                          f"{clip_low}, {clip_high}, {clip_dual}")
+    if normalizer is not None:
+        check_positive("normalizer", normalizer)
     adv = broadcast_advantages(advantages, logprobs).float()
+    if validate:
+        check_finite("advantages", adv, where=mask)
     m = mask.float()
     count = m.sum().clamp_min(1.0)
 

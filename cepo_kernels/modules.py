@@ -64,4 +64,4 @@ class CEPOLoss(nn.Module):
         return ppo_clip_loss(out.logprobs, old_logprobs, advantages, mask,
                              clip_low=self.clip_low, clip_high=self.clip_high,
                              clip_dual=self.clip_dual, aggregation=self.aggregation,
-                             normalizer=normalizer)
+                             normalizer=normalizer, validate=self.validate)

@@ -7,11 +7,18 @@ switched off in a hot loop whose inputs are known to be good.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Below this, logits / τ lose all fp32 precision (and overflow for |logit| ≳ 1e34·τ); no sampling
+# temperature in practice comes near it.
+MIN_TEMPERATURE = 1e-4
+_FP32_MAX = torch.finfo(torch.float32).max
+_FINITE_CHUNK = 1 << 24  # elements per step of check_finite (bounds its scratch memory)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -38,10 +45,22 @@ def check_same_device(**tensors) -> None:
             )
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(float(value))
+
+
 def check_temperature(temperature: float) -> None:
-    finite = isinstance(temperature, (int, float)) and temperature != float("inf")
-    if not finite or not temperature > 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    """τ in [MIN_TEMPERATURE, fp32 max], so that τ and 1/τ are finite (and useful) in fp32."""
+    if not _real(temperature) or not MIN_TEMPERATURE <= float(temperature) <= _FP32_MAX:
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} "
+                         f"(logits / temperature must stay finite in fp32), got {temperature!r}")
+
+
+def check_positive(name: str, value) -> None:
+    """A host-side number that must be finite and > 0 (no host sync: tensors are refused)."""
+    if not _real(value) or not float(value) > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_weights_hparams(lam: float, eps_w: float) -> None:
@@ -94,9 +113,22 @@ def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int)
         )
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/inf in hidden states would silently poison every log-prob of the row (one host sync)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+def check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """NaN/inf would silently poison every result it touches (one host sync).
+
+    ``where`` (bool, shaped like ``t``) limits the check to the positions that count. Without it
+    the check runs over slices of dim 0, so its scratch memory stays small even for an lm_head.
+    """
+    if t.numel() == 0:
+        return
+    if where is not None:
+        ok = torch.isfinite(t) | ~where
+    elif t.dim() == 0:
+        ok = torch.isfinite(t)
+    else:
+        rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
+        ok = torch.stack([torch.isfinite(part).all() for part in t.split(rows)])
+    if not bool(ok.all()):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
