@@ -60,7 +60,8 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
         advantages: GRPO advantages A_i, per token (like ``pos_logprobs``) or per sequence (B,).
         pos_logprobs: log P_T+(y_t), e.g. (B, T).
         neg_logprobs: log P_T-(y_t), same shape.
-        mask: bool, True at response tokens; Â is 0 elsewhere. None means every position counts.
+        mask: True (or 1) at response tokens, bool or 0/1 of any dtype; Â is 0 elsewhere. None
+            means every position counts.
         lam: λ ∈ [0, 1]; eps_w: ε_w ∈ [0, 1).
         validate: check that the advantages of the positions that count are finite (one sync).
     """
@@ -71,7 +72,7 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
         raise ValueError(f"pos_logprobs {tuple(pos_logprobs.shape)} and neg_logprobs "
                          f"{tuple(neg_logprobs.shape)} must have the same shape")
     if mask is not None:
-        check_mask(mask, pos_logprobs.shape, "log-probs")
+        mask = check_mask(mask, pos_logprobs, "log-probs", validate=validate)
     adv = broadcast_advantages(advantages, pos_logprobs)
     if validate:
         check_finite("advantages", adv, where=mask)

@@ -51,13 +51,18 @@ class ContrastiveEvidence(NamedTuple):
     backend: str
 
 
-def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden"):
-    """Check every input; returns the labels as int64 (any integer dtype is accepted)."""
+def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden",
+             mask=None):
+    """Check every input; returns int64 labels (any integer dtype is accepted), set to
+    ``ignore_index`` where ``mask`` is False (their ids are not checked)."""
     check_linear_inputs(hidden, weight, labels, bias, hidden_name=name)
     check_temperature(temperature)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = index_labels(labels)
+    if mask is not None:
+        mask = check_mask(mask, labels, "labels", validate=validate)
+        labels = labels.masked_fill(~mask, ignore_index)
     if validate:
         check_label_values(labels, weight.shape[0], ignore_index)
         check_finite(name, hidden)
@@ -68,6 +73,7 @@ def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, 
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          mask: Optional[torch.Tensor] = None,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           backend: str = "auto", validate: bool = True,
@@ -79,13 +85,16 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         hidden: (..., D) hidden states just before the lm_head (any float dtype).
         weight: (V, D) lm_head weight; no weight gradient is computed if it does not require grad.
         labels: (...) token ids of any integer dtype, ``ignore_index`` at positions to skip.
+        mask: (...) like labels, bool or 0/1 of any dtype; positions where it is 0 are skipped
+            like ``ignore_index`` (log-prob and entropy 0, no gradient).
         return_entropy: also return the (differentiable) per-token entropy.
         backend: "auto" | "triton" | "torch" (see ``cepo_kernels.backend``).
         validate: check label range and finiteness of ``hidden``, ``weight`` and ``bias`` (one
             host sync each).
         chunk_tokens, chunk_vocab: tile sizes of the torch backend.
     """
-    labels = _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
+    labels = _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate,
+                      mask=mask)
     chosen = resolve_backend(backend, hidden.device, hidden.dtype)
     lead = labels.shape
     if labels.numel() == 0:
@@ -155,9 +164,9 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
     """The fused experience step: three log-prob streams plus Δ, w and Â (SPEC §2).
 
     ``advantages`` are per token (shaped like ``labels``) or per sequence (labels.shape[0],).
-    ``mask`` (bool, like labels) marks tokens that count; positions whose label is
-    ``ignore_index`` are always excluded. Â is 0 outside. ``validate`` also checks that the
-    advantages of the tokens that count are finite.
+    ``mask`` (like labels; bool or 0/1 of any dtype) marks the tokens whose Â counts; positions
+    whose label is ``ignore_index`` are always excluded. Â is 0 outside. ``validate`` also checks
+    that the advantages of the tokens that count are finite (and a non-bool mask holds 0/1).
     """
     check_weights_hparams(lam, eps_w)
     return _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantages, mask,
@@ -177,8 +186,7 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
     if advantages is not None:
         adv = _adv.broadcast_advantages(advantages.to(labels.device), labels).reshape(-1)
         if mask is not None:
-            check_mask(mask, labels.shape, "labels")
-            valid = valid & mask.reshape(-1)
+            valid = valid & check_mask(mask, labels, "labels", validate=validate).reshape(-1)
         if validate:
             check_finite("advantages", adv, where=valid)
     if flat_labels.numel() == 0:

@@ -39,7 +39,7 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
         logprobs: log π_θ(y_t), (B, T) (or any shape), differentiable.
         old_logprobs: log π_old(y_t), same shape (no gradient is taken through it).
         advantages: Â per token, same shape, or per sequence (B,).
-        mask: bool, True at tokens that count.
+        mask: True (or 1) at tokens that count: bool, or 0/1 of any integer or floating dtype.
         aggregation: ``token-mean`` (Σℓ / #tokens), ``seq-mean-token-mean`` (mean over sequences
             of each sequence's token mean; sequences with no token are left out) or
             ``seq-mean-token-sum-norm`` (Dr. GRPO: Σℓ / (B · T), T = a constant normaliser).
@@ -54,7 +54,7 @@ def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages
     if old_logprobs.shape != logprobs.shape:
         raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs "
                          f"{tuple(logprobs.shape)}")
-    check_mask(mask, logprobs.shape, "logprobs")
+    mask = check_mask(mask, logprobs, "logprobs", validate=validate)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_dual > 1):

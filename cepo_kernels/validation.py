@@ -161,11 +161,27 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
         raise TypeError(f"all hidden streams must share one dtype, got {listing}")
 
 
-def check_mask(mask, shape, what: str) -> None:
-    """``mask`` is a bool tensor shaped like ``what`` (the tensor it selects tokens of)."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+def check_mask(mask, like: torch.Tensor, what: str, *, validate: bool = True) -> torch.Tensor:
+    """``mask`` shaped like ``like`` (the ``what`` tensor it selects tokens of), as bool.
+
+    Masks come as users have them: bool, or 0/1 of any integer or floating dtype (TRL's
+    ``completion_mask`` is int, verl's ``response_mask`` int64). With ``validate`` a non-bool
+    mask is checked to hold only 0 and 1 (one host sync); without it, nonzero means True.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype.is_complex:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor, got {got}")
-    if tuple(mask.shape) != tuple(shape):
+        raise TypeError(f"mask must be a bool tensor or a 0/1 integer or floating tensor, "
+                        f"got {got}")
+    if tuple(mask.shape) != tuple(like.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal the {what} shape "
-                         f"{tuple(shape)}")
+                         f"{tuple(like.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but {what} is on {like.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if validate and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"mask ({mask.dtype}) must hold only 0 and 1; found "
+                             f"{mask[bad].flatten()[0].item()} ({int(bad.sum())} such entries)")
+    return mask != 0

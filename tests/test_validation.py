@@ -195,7 +195,9 @@ def test_cepo_advantages_errors():
     lp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="same shape"):
         cepo_advantages(torch.ones(2), lp, torch.zeros(3, 2), None, lam=0.5, eps_w=0.2)
-    with pytest.raises(TypeError, match="mask must be a bool"):
-        cepo_advantages(torch.ones(2), lp, lp, torch.ones(2, 3), lam=0.5, eps_w=0.2)
+    with pytest.raises(ValueError, match="mask .* must hold only 0 and 1"):
+        cepo_advantages(torch.ones(2), lp, lp, torch.full((2, 3), 2), lam=0.5, eps_w=0.2)
+    with pytest.raises(ValueError, match="mask shape"):
+        cepo_advantages(torch.ones(2), lp, lp, torch.ones(3, 2), lam=0.5, eps_w=0.2)
     with pytest.raises(ValueError, match="lam"):
         cepo_advantages(torch.ones(2), lp, lp, None, lam=-0.1, eps_w=0.2)
