@@ -59,6 +59,8 @@ def check_temperature(temperature: float) -> None:
 
 def check_positive(name: str, value) -> None:
     """A host-side number that must be finite and > 0 (no host sync: tensors are refused)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if not _real(value) or not float(value) > 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 

@@ -74,7 +74,7 @@ def test_bad_arguments():
         ppo_clip_loss(lp, lp, torch.zeros(5), m)
 
 
-@pytest.mark.parametrize("normalizer", [0, 0.0, -4.0, float("inf"), float("nan"), True])
+@pytest.mark.parametrize("normalizer", [0, 0.0, -4.0, float("inf"), float("nan")])
 def test_bad_normalizer(normalizer):
     """normalizer=0 gave an inf loss and a negative one flipped the sign of the update."""
     lp = torch.zeros(2, 3)
@@ -83,6 +83,13 @@ def test_bad_normalizer(normalizer):
         with pytest.raises(ValueError, match="normalizer must be a finite number > 0"):
             ppo_clip_loss(lp, lp, torch.ones(2), m, aggregation=aggregation,
                           normalizer=normalizer)
+
+
+@pytest.mark.parametrize("normalizer", [True, torch.tensor(4.0), "4"])
+def test_normalizer_must_be_a_number(normalizer):
+    lp = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="normalizer must be a Python number"):
+        ppo_clip_loss(lp, lp, torch.ones(2), lp == 0, normalizer=normalizer)
 
 
 def test_non_finite_advantages():
