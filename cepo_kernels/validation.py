@@ -1,8 +1,9 @@
 """Input checks for the public API: every bad input is a ValueError/TypeError naming the argument.
 
 Shape, dtype and device checks are free and always run. Value checks (labels in range, finite
-hidden states) need one host sync each; they run when ``validate=True`` (the default) and can be
-switched off in a hot loop whose inputs are known to be good.
+hidden states, weight, bias and advantages, a non-bool mask holding only 0/1) need one host sync
+each; they run when ``validate=True`` (the default) and can be switched off in a hot loop whose
+inputs are known to be good.
 """
 
 from __future__ import annotations
