@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_mask, check_tensor, check_weights_hparams
+from .validation import check_finite, check_mask, check_tensor, check_weights_hparams
 
 
 class TokenWeights(NamedTuple):
@@ -53,15 +53,17 @@ def token_weights(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w) -
 
 def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
                     neg_logprobs: torch.Tensor, mask: Optional[torch.Tensor], *, lam: float,
-                    eps_w: float) -> torch.Tensor:
+                    eps_w: float, validate: bool = True) -> torch.Tensor:
     """Â per SPEC §2 from any log-probs; pass the student's as ``neg_logprobs`` to get RLSD.
 
     Args:
         advantages: GRPO advantages A_i, per token (like ``pos_logprobs``) or per sequence (B,).
         pos_logprobs: log P_T+(y_t), e.g. (B, T).
         neg_logprobs: log P_T-(y_t), same shape.
-        mask: bool, True at response tokens; Â is 0 elsewhere. None means every position counts.
+        mask: True (or 1) at response tokens, bool or 0/1 of any dtype; Â is 0 elsewhere. None
+            means every position counts.
         lam: λ ∈ [0, 1]; eps_w: ε_w ∈ [0, 1).
+        validate: check that the advantages of the positions that count are finite (one sync).
     """
     check_weights_hparams(lam, eps_w)
     check_tensor("pos_logprobs", pos_logprobs, floating=True)
@@ -70,6 +72,8 @@ def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
         raise ValueError(f"pos_logprobs {tuple(pos_logprobs.shape)} and neg_logprobs "
                          f"{tuple(neg_logprobs.shape)} must have the same shape")
     if mask is not None:
-        check_mask(mask, pos_logprobs.shape, "log-probs")
+        mask = check_mask(mask, pos_logprobs, "log-probs", validate=validate)
     adv = broadcast_advantages(advantages, pos_logprobs)
+    if validate:
+        check_finite("advantages", adv, where=mask)
     return token_weights(adv, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w).advantages

@@ -24,6 +24,7 @@ from .validation import (
     check_streams,
     check_temperature,
     check_weights_hparams,
+    index_labels,
 )
 
 
@@ -50,19 +51,29 @@ class ContrastiveEvidence(NamedTuple):
     backend: str
 
 
-def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden"):
+def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden",
+             mask=None):
+    """Check every input; returns int64 labels (any integer dtype is accepted), set to
+    ``ignore_index`` where ``mask`` is False (their ids are not checked)."""
     check_linear_inputs(hidden, weight, labels, bias, hidden_name=name)
     check_temperature(temperature)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = index_labels(labels)
+    if mask is not None:
+        mask = check_mask(mask, labels, "labels", validate=validate)
+        labels = labels.masked_fill(~mask, ignore_index)
     if validate:
         check_label_values(labels, weight.shape[0], ignore_index)
         check_finite(name, hidden)
+        check_finite("weight", weight)
         if bias is not None:
             check_finite("bias", bias)  # mask tokens with a large finite negative bias, not −inf
+    return labels
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          mask: Optional[torch.Tensor] = None,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           backend: str = "auto", validate: bool = True,
@@ -73,13 +84,17 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Args:
         hidden: (..., D) hidden states just before the lm_head (any float dtype).
         weight: (V, D) lm_head weight; no weight gradient is computed if it does not require grad.
-        labels: (...) integer token ids, ``ignore_index`` at positions to skip.
+        labels: (...) token ids of any integer dtype, ``ignore_index`` at positions to skip.
+        mask: (...) like labels, bool or 0/1 of any dtype; positions where it is 0 are skipped
+            like ``ignore_index`` (log-prob and entropy 0, no gradient).
         return_entropy: also return the (differentiable) per-token entropy.
         backend: "auto" | "triton" | "torch" (see ``cepo_kernels.backend``).
-        validate: check label range and finiteness of ``hidden`` (one host sync each).
+        validate: check label range and finiteness of ``hidden``, ``weight`` and ``bias`` (one
+            host sync each).
         chunk_tokens, chunk_vocab: tile sizes of the torch backend.
     """
-    _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate)
+    labels = _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate,
+                      mask=mask)
     chosen = resolve_backend(backend, hidden.device, hidden.dtype)
     lead = labels.shape
     if labels.numel() == 0:
@@ -100,8 +115,8 @@ def _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels, bias, temper
     negs = [neg_hidden] if neg_hidden.shape == policy_hidden.shape else list(neg_hidden.unbind(0))
     check_same_dtype(("policy_hidden", "pos_hidden", "neg_hidden"),
                      (policy_hidden, pos_hidden, neg_hidden))
-    _prepare(policy_hidden, weight, labels, bias, temperature, ignore_index, validate,
-             name="policy_hidden")
+    labels = _prepare(policy_hidden, weight, labels, bias, temperature, ignore_index, validate,
+                      name="policy_hidden")
     check_same_device(policy_hidden=policy_hidden, pos_hidden=pos_hidden, neg_hidden=neg_hidden)
     if validate:
         check_finite("pos_hidden", pos_hidden)
@@ -149,8 +164,9 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
     """The fused experience step: three log-prob streams plus Δ, w and Â (SPEC §2).
 
     ``advantages`` are per token (shaped like ``labels``) or per sequence (labels.shape[0],).
-    ``mask`` (bool, like labels) marks tokens that count; positions whose label is
-    ``ignore_index`` are always excluded. Â is 0 outside.
+    ``mask`` (like labels; bool or 0/1 of any dtype) marks the tokens whose Â counts; positions
+    whose label is ``ignore_index`` are always excluded. Â is 0 outside. ``validate`` also checks
+    that the advantages of the tokens that count are finite (and a non-bool mask holds 0/1).
     """
     check_weights_hparams(lam, eps_w)
     return _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantages, mask,
@@ -170,8 +186,9 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
     if advantages is not None:
         adv = _adv.broadcast_advantages(advantages.to(labels.device), labels).reshape(-1)
         if mask is not None:
-            check_mask(mask, labels.shape, "labels")
-            valid = valid & mask.reshape(-1)
+            valid = valid & check_mask(mask, labels, "labels", validate=validate).reshape(-1)
+        if validate:
+            check_finite("advantages", adv, where=valid)
     if flat_labels.numel() == 0:
         z = torch.zeros(lead, dtype=torch.float32, device=labels.device)
         return ContrastiveEvidence(z, z, z, z, z.clone() + 1.0, z, chosen)
@@ -199,6 +216,7 @@ def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantag
     return ContrastiveEvidence(*shaped, chosen)
 
 
-def cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w):
+def cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w, validate=True):
     """Re-exported from ``cepo_kernels.advantages`` (see there)."""
-    return _adv.cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w)
+    return _adv.cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, lam=lam, eps_w=eps_w,
+                                validate=validate)

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .advantages import broadcast_advantages
-from .validation import check_mask, check_tensor
+from .validation import check_finite, check_mask, check_positive, check_tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -32,33 +32,39 @@ def _masked_mean(x, mask, count):
 def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.28,
                   clip_dual: float = 3.0, aggregation: str = "token-mean",
-                  normalizer: Optional[float] = None) -> PPOLossOutput:
+                  normalizer: Optional[float] = None, validate: bool = True) -> PPOLossOutput:
     """Dual-clip PPO loss over the valid tokens of a batch.
 
     Args:
         logprobs: log π_θ(y_t), (B, T) (or any shape), differentiable.
         old_logprobs: log π_old(y_t), same shape (no gradient is taken through it).
         advantages: Â per token, same shape, or per sequence (B,).
-        mask: bool, True at tokens that count.
+        mask: True (or 1) at tokens that count: bool, or 0/1 of any integer or floating dtype.
         aggregation: ``token-mean`` (Σℓ / #tokens), ``seq-mean-token-mean`` (mean over sequences
             of each sequence's token mean; sequences with no token are left out) or
             ``seq-mean-token-sum-norm`` (Dr. GRPO: Σℓ / (B · T), T = a constant normaliser).
         normalizer: overrides the denominator: the global token count for ``token-mean``
             (exact token mean across gradient-accumulation micro-batches and processes), or the
-            constant T for ``seq-mean-token-sum-norm``.
+            constant T for ``seq-mean-token-sum-norm``; a finite number > 0.
+        validate: check that the advantages of the tokens that count are finite (one host
+            sync); off in a hot loop whose inputs are known to be good.
     """
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
         check_tensor(name, t, floating=True)
     if old_logprobs.shape != logprobs.shape:
         raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs "
                          f"{tuple(logprobs.shape)}")
-    check_mask(mask, logprobs.shape, "logprobs")
+    mask = check_mask(mask, logprobs, "logprobs", validate=validate)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if not (0 <= clip_low < 1 and clip_high >= 0 and clip_dual > 1):
         raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0, clip_dual > 1; got "
                          f"{clip_low}, {clip_high}, {clip_dual}")
+    if normalizer is not None:
+        check_positive("normalizer", normalizer)
     adv = broadcast_advantages(advantages, logprobs).float()
+    if validate:
+        check_finite("advantages", adv, where=mask)
     m = mask.float()
     count = m.sum().clamp_min(1.0)
 

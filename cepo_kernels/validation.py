@@ -1,17 +1,25 @@
 """Input checks for the public API: every bad input is a ValueError/TypeError naming the argument.
 
 Shape, dtype and device checks are free and always run. Value checks (labels in range, finite
-hidden states) need one host sync each; they run when ``validate=True`` (the default) and can be
-switched off in a hot loop whose inputs are known to be good.
+hidden states, weight, bias and advantages, a non-bool mask holding only 0/1) need one host sync
+each; they run when ``validate=True`` (the default) and can be switched off in a hot loop whose
+inputs are known to be good.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Below this, logits / τ lose all fp32 precision (and overflow for |logit| ≳ 1e34·τ); no sampling
+# temperature in practice comes near it.
+MIN_TEMPERATURE = 1e-4
+_FP32_MAX = torch.finfo(torch.float32).max
+_FINITE_CHUNK = 1 << 24  # elements per step of check_finite (bounds its scratch memory)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -38,10 +46,24 @@ def check_same_device(**tensors) -> None:
             )
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(float(value))
+
+
 def check_temperature(temperature: float) -> None:
-    finite = isinstance(temperature, (int, float)) and temperature != float("inf")
-    if not finite or not temperature > 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    """τ in [MIN_TEMPERATURE, fp32 max], so that τ and 1/τ are finite (and useful) in fp32."""
+    if not _real(temperature) or not MIN_TEMPERATURE <= float(temperature) <= _FP32_MAX:
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} "
+                         f"(logits / temperature must stay finite in fp32), got {temperature!r}")
+
+
+def check_positive(name: str, value) -> None:
+    """A host-side number that must be finite and > 0 (no host sync: tensors are refused)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not _real(value) or not float(value) > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_weights_hparams(lam: float, eps_w: float) -> None:
@@ -76,8 +98,13 @@ def check_linear_inputs(hidden, weight, labels, bias, *, hidden_name: str = "hid
     check_same_device(**{hidden_name: hidden, "weight": weight, "labels": labels, "bias": bias})
 
 
+def index_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any dtype as int64 indices (a uint8 index would be a boolean mask)."""
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
+
+
 def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be in [0, V) or equal ignore_index (one host sync)."""
+    """Labels (int64, see ``index_labels``) must be in [0, V) or equal ignore_index (one sync)."""
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -89,9 +116,22 @@ def check_label_values(labels: torch.Tensor, vocab_size: int, ignore_index: int)
         )
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/inf in hidden states would silently poison every log-prob of the row (one host sync)."""
-    if t.numel() and not bool(torch.isfinite(t).all()):
+def check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """NaN/inf would silently poison every result it touches (one host sync).
+
+    ``where`` (bool, shaped like ``t``) limits the check to the positions that count. Without it
+    the check runs over slices of dim 0, so its scratch memory stays small even for an lm_head.
+    """
+    if t.numel() == 0:
+        return
+    if where is not None:
+        ok = torch.isfinite(t) | ~where
+    elif t.dim() == 0:
+        ok = torch.isfinite(t)
+    else:
+        rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
+        ok = torch.stack([torch.isfinite(part).all() for part in t.split(rows)])
+    if not bool(ok.all()):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -124,11 +164,27 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
         raise TypeError(f"all hidden streams must share one dtype, got {listing}")
 
 
-def check_mask(mask, shape, what: str) -> None:
-    """``mask`` is a bool tensor shaped like ``what`` (the tensor it selects tokens of)."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+def check_mask(mask, like: torch.Tensor, what: str, *, validate: bool = True) -> torch.Tensor:
+    """``mask`` shaped like ``like`` (the ``what`` tensor it selects tokens of), as bool.
+
+    Masks come as users have them: bool, or 0/1 of any integer or floating dtype (TRL's
+    ``completion_mask`` is int, verl's ``response_mask`` int64). With ``validate`` a non-bool
+    mask is checked to hold only 0 and 1 (one host sync); without it, nonzero means True.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype.is_complex:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor, got {got}")
-    if tuple(mask.shape) != tuple(shape):
+        raise TypeError(f"mask must be a bool tensor or a 0/1 integer or floating tensor, "
+                        f"got {got}")
+    if tuple(mask.shape) != tuple(like.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal the {what} shape "
-                         f"{tuple(shape)}")
+                         f"{tuple(like.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but {what} is on {like.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if validate and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"mask ({mask.dtype}) must hold only 0 and 1; found "
+                             f"{mask[bad].flatten()[0].item()} ({int(bad.sum())} such entries)")
+    return mask != 0

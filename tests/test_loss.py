@@ -66,12 +66,45 @@ def test_bad_arguments():
     m = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="aggregation"):
         ppo_clip_loss(lp, lp, lp, m, aggregation="mean")
-    with pytest.raises(TypeError, match="mask"):
-        ppo_clip_loss(lp, lp, lp, m.float())
+    with pytest.raises(ValueError, match="mask .* must hold only 0 and 1"):
+        ppo_clip_loss(lp, lp, lp, m.float() * 0.5)
     with pytest.raises(ValueError, match="old_logprobs"):
         ppo_clip_loss(lp, torch.zeros(3, 2), lp, m)
     with pytest.raises(ValueError, match="advantages"):
         ppo_clip_loss(lp, lp, torch.zeros(5), m)
+
+
+@pytest.mark.parametrize("normalizer", [0, 0.0, -4.0, float("inf"), float("nan")])
+def test_bad_normalizer(normalizer):
+    """normalizer=0 gave an inf loss and a negative one flipped the sign of the update."""
+    lp = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    for aggregation in ("token-mean", "seq-mean-token-sum-norm"):
+        with pytest.raises(ValueError, match="normalizer must be a finite number > 0"):
+            ppo_clip_loss(lp, lp, torch.ones(2), m, aggregation=aggregation,
+                          normalizer=normalizer)
+
+
+@pytest.mark.parametrize("normalizer", [True, torch.tensor(4.0), "4"])
+def test_normalizer_must_be_a_number(normalizer):
+    lp = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="normalizer must be a Python number"):
+        ppo_clip_loss(lp, lp, torch.ones(2), lp == 0, normalizer=normalizer)
+
+
+def test_non_finite_advantages():
+    lp = torch.zeros(2, 3)
+    m = torch.tensor([[True, True, True], [True, False, False]])
+    adv = torch.ones(2, 3)
+    adv[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+        ppo_clip_loss(lp, lp, adv, m)
+    adv[1, 0], adv[1, 2] = 1.0, float("inf")  # outside the mask: no effect on the loss
+    out = ppo_clip_loss(lp, lp, adv, m)
+    assert out.loss.item() == pytest.approx(-1.0)
+    adv[0, 1] = float("nan")
+    out = ppo_clip_loss(lp, lp, adv, m, validate=False)  # the caller's contract: no host sync
+    assert torch.isnan(out.loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

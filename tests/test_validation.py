@@ -27,6 +27,8 @@ def _ok():
     ("weight_3d", ValueError, "weight must be \\(V, D\\)"),
     ("temperature", ValueError, "temperature"),
     ("nan_hidden", ValueError, "NaN or inf"),
+    ("nan_weight", ValueError, "weight contains NaN or inf"),
+    ("inf_weight", ValueError, "weight contains NaN or inf"),
     ("bias_shape", ValueError, "bias must be"),
     ("inf_bias", ValueError, "bias contains NaN or inf"),
     ("backend", ValueError, "backend must be one of"),
@@ -53,6 +55,10 @@ def test_fused_linear_logprobs_errors(case, exc, pattern):
         kw["temperature"] = 0.0
     elif case == "nan_hidden":
         h[1, 2] = float("nan")
+    elif case == "nan_weight":
+        w[V - 1, 0] = float("nan")
+    elif case == "inf_weight":
+        w[3, D - 1] = -float("inf")
     elif case == "bias_shape":
         kw["bias"] = torch.zeros(V + 1)
     elif case == "inf_bias":
@@ -64,6 +70,60 @@ def test_fused_linear_logprobs_errors(case, exc, pattern):
         h = h.tolist()
     with pytest.raises(exc, match=pattern):
         fused_linear_logprobs(h, w, y, **kw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, 1e-40, 5e-5, float("nan"), float("inf"),
+                                         1e39, True, "1.0"])
+def test_bad_temperature(temperature):
+    """τ = 1e-40 gave NaN log-probs: 1/τ overflows fp32. τ below 1e-4 is refused."""
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0.0001"):
+        fused_linear_logprobs(h, w, y, temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 0.01, 100.0])
+def test_extreme_but_allowed_temperature_stays_finite(temperature):
+    h, w, y = _ok()
+    lp = fused_linear_logprobs(h, w, y, temperature=temperature, return_entropy=True)
+    ref = torch.log_softmax((h.double() @ w.double().T) / temperature, -1)
+    ref = ref.gather(1, y[:, None]).squeeze(1)
+    assert torch.isfinite(lp.logprobs).all() and torch.isfinite(lp.entropy).all()
+    assert torch.allclose(lp.logprobs.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_non_finite_weight_in_contrastive_is_refused():
+    h, w, y = _ok()
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        contrastive_evidence(h, h, h, w, y, torch.randn(N), lam=0.5, eps_w=0.2)
+    contrastive_evidence(h, h, h, w, y, torch.randn(N), lam=0.5, eps_w=0.2, validate=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_advantages_are_refused(bad):
+    h, w, y = _ok()
+    adv = torch.randn(N)
+    adv[2] = bad
+    with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+        contrastive_evidence(h, h, h, w, y, adv, lam=0.5, eps_w=0.2)
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+        cepo_advantages(torch.tensor([1.0, bad]), lp, lp, None, lam=0.5, eps_w=0.2)
+
+
+def test_non_finite_advantages_outside_the_mask_are_harmless():
+    """Only the tokens that count must be finite: Â is 0 elsewhere whatever A holds there."""
+    h, w, y = _ok()
+    adv = torch.randn(N)
+    adv[2] = float("nan")
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[2] = False
+    ev = contrastive_evidence(h, h, h, w, y, adv, mask=mask, lam=0.5, eps_w=0.2)
+    assert ev.advantages[2] == 0 and torch.isfinite(ev.advantages).all()
+    lp = torch.zeros(2, 3)
+    m = torch.tensor([[True] * 3, [False] * 3])
+    a_hat = cepo_advantages(torch.tensor([1.0, float("nan")]), lp, lp, m, lam=0.5, eps_w=0.2)
+    assert torch.equal(a_hat, m.float())
 
 
 def test_validate_false_skips_only_value_checks():
@@ -135,7 +195,9 @@ def test_cepo_advantages_errors():
     lp = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="same shape"):
         cepo_advantages(torch.ones(2), lp, torch.zeros(3, 2), None, lam=0.5, eps_w=0.2)
-    with pytest.raises(TypeError, match="mask must be a bool"):
-        cepo_advantages(torch.ones(2), lp, lp, torch.ones(2, 3), lam=0.5, eps_w=0.2)
+    with pytest.raises(ValueError, match="mask .* must hold only 0 and 1"):
+        cepo_advantages(torch.ones(2), lp, lp, torch.full((2, 3), 2), lam=0.5, eps_w=0.2)
+    with pytest.raises(ValueError, match="mask shape"):
+        cepo_advantages(torch.ones(2), lp, lp, torch.ones(3, 2), lam=0.5, eps_w=0.2)
     with pytest.raises(ValueError, match="lam"):
         cepo_advantages(torch.ones(2), lp, lp, None, lam=-0.1, eps_w=0.2)
