@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import types
 import typing
@@ -36,6 +37,7 @@ from cepo.teachers import TeacherConfig
 ALGOS = ("cepo", "rlsd", "grpo")
 # SPEC §7: lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
+MAX_GRADER_S = 3600.0  # an hour per answer or per batch is already far past any sane grading
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,15 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+# Below this a sampling temperature is greedy in effect, and logits / T overflow in low precision.
+MIN_TEMPERATURE = 0.01
+
+
+def _require_temperature(key: str, value: float) -> None:
+    _require(value == 0 or MIN_TEMPERATURE <= value < math.inf, key, value,
+             f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -116,10 +127,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
     def __post_init__(self):
-        _require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "None or a number > 0")
+        _require(self.lr is None or 0 < self.lr <= 1, "optim.lr", self.lr,
+                 "None or a number > 0 and <= 1 (AdamW moves each weight by about lr per step)")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  self.betas, "two numbers in [0, 1)")
+        _require(0 < self.eps <= 1, "optim.eps", self.eps, "a number in (0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a number >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
                  "an integer >= 0")
@@ -160,7 +173,7 @@ class ValConfig:
 
     def __post_init__(self):
         _require(self.every >= 0, "val.every", self.every, "an integer >= 0")
-        _require(self.temperature >= 0, "val.temperature", self.temperature, "a number >= 0")
+        _require_temperature("val.temperature", self.temperature)
         _require(0 < self.top_p <= 1, "val.top_p", self.top_p, "a number in (0, 1]")
         _require(self.batch_size >= 1, "val.batch_size", self.batch_size, "an integer >= 1")
 
@@ -222,8 +235,12 @@ class TrainConfig:
         _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
                  "an integer >= 1")
         _require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
-        _require(self.grader_timeout_s > 0, "grader_timeout_s", self.grader_timeout_s,
-                 "a number > 0")
+        _require(0 < self.grader_timeout_s <= MAX_GRADER_S, "grader_timeout_s",
+                 self.grader_timeout_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
+        _require_temperature("rollout.temperature", self.rollout.temperature)
+        _require(self.lr * self.optim.weight_decay < 1, "optim.weight_decay",
+                 self.optim.weight_decay, f"less than 1 / lr = {1 / self.lr:.3g} (AdamW scales "
+                 "weights by 1 - lr * weight_decay each step)")
         _require(self.sharding != "fsdp" or self.mixed_precision != "fp16", "mixed_precision",
                  self.mixed_precision, "'no' or 'bf16' with sharding=fsdp (fp16 needs loss "
                  "scaling, which the FSDP path does not do)")
@@ -439,12 +456,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not allowed: an integer") from None
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: a number")
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not allowed: a number") from None
+        if not math.isfinite(number):  # inf / nan (YAML .inf, .nan) never make a sane setting
+            raise ConfigError(f"{key}={value!r} is not allowed: a finite number")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: text")

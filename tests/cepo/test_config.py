@@ -138,3 +138,50 @@ def test_help_lists_every_option_with_default(capsys):
         assert f"--{key} " in text, key
     assert "--steps (int)" in text and "50  [30]" in text  # paper default, offline default
     assert "λ at step 1 (SPEC §4)" in text  # the why, from the source comments
+
+
+@pytest.mark.parametrize("argv, key, allowed", [
+    (["--lr", "inf"], "optim.lr", "finite"),
+    (["--lr", "nan"], "optim.lr", "finite"),
+    (["--lr", "0"], "optim.lr", "> 0"),
+    (["--lr", "1e30"], "optim.lr", "<= 1"),
+    (["--rollout.temperature", "nan"], "rollout.temperature", "finite"),
+    (["--rollout.temperature", "-1"], "rollout", "temperature >= 0"),
+    (["--rollout.temperature", "1e-40"], "rollout.temperature", ">= 0.01"),
+    (["--val.temperature", "1e-40"], "val.temperature", ">= 0.01"),
+    (["--val.temperature", "inf"], "val.temperature", "finite"),
+    (["--rollout.top_p", "0"], "rollout", "top_p"),
+    (["--val.top_p", "1.5"], "val.top_p", "(0, 1]"),
+    (["--optim.eps", "0"], "optim.eps", "(0, 1]"),
+    (["--optim.eps", "-1e-8"], "optim.eps", "(0, 1]"),
+    (["--eps_w", "nan"], "cepo.eps_w", "finite"),
+    (["--grad_clip", "-1"], "optim.grad_clip", ">= 0"),
+    (["--grad_clip", "inf"], "optim.grad_clip", "finite"),
+    (["--optim.betas", "0.9,1.0"], "optim.betas", "[0, 1)"),
+    (["--optim.betas", "0.9,nan"], "optim.betas", "finite"),
+    (["--weight_decay", "-0.1"], "optim.weight_decay", ">= 0"),
+    (["--weight_decay", "2000", "--lr", "1e-3"], "optim.weight_decay", "1 / lr"),
+    (["--lam0", "nan"], "cepo.lam0", "finite"),
+    (["--lora.alpha", "inf"], "lora.alpha", "finite"),
+    (["--clip_dual", "inf"], "ppo.clip_dual", "finite"),
+    (["--grader_timeout_s", "inf"], "grader_timeout_s", "finite"),
+    (["--grader_timeout_s", "1e9"], "grader_timeout_s", "(0, 3600]"),
+])
+def test_non_finite_and_absurd_numbers_are_refused(argv, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    assert key in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_non_finite_numbers_in_yaml_are_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"optim.lr=inf is not allowed: a finite number"):
+        build_config(["--config", str(path)])
+
+
+def test_sane_edge_values_are_kept():
+    cfg = build_config(["--rollout.temperature", "0", "--val.temperature", "0.01", "--lr", "1",
+                        "--weight_decay", "0", "--grad_clip", "0", "--optim.betas", "0,0.5"])
+    assert (cfg.rollout.temperature, cfg.val.temperature, cfg.optim.lr) == (0.0, 0.01, 1.0)
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.betas) == (0.0, 0.0, (0, 0.5))
