@@ -37,6 +37,8 @@ from cepo.teachers import TeacherConfig
 ALGOS = ("cepo", "rlsd", "grpo")
 # SPEC §7: lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
+# cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
+MAX_SEED = 2**29 - 1
 MAX_GRADER_S = 3600.0  # an hour per answer or per batch is already far past any sane grading
 
 
@@ -235,6 +237,11 @@ class TrainConfig:
         _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
                  "an integer >= 1")
         _require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
+        _require(0 <= self.seed <= MAX_SEED, "seed", self.seed,
+                 f"an integer in [0, {MAX_SEED}] (2**29 - 1)")
+        _require(self.rollout.group_size >= 2, "rollout.group_size", self.rollout.group_size,
+                 f"an integer >= 2: {self.algo}'s advantages are relative to the group, so with "
+                 "one rollout per prompt every advantage is 0 and nothing is learned")
         _require(0 < self.grader_timeout_s <= MAX_GRADER_S, "grader_timeout_s",
                  self.grader_timeout_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
         _require_temperature("rollout.temperature", self.rollout.temperature)
@@ -449,6 +456,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: an integer")
         try:
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)  # exact: a float would round integers past 2**53
             number = float(value) if isinstance(value, str) else value
             if isinstance(number, float) and not number.is_integer():
                 raise ValueError
@@ -522,7 +531,8 @@ def _is_number(text: str) -> bool:
 
 
 def build_config(argv: list[str]) -> TrainConfig:
-    """The finalized config of a command line (see the module docstring for the layers)."""
+    """The finalized config of a command line (see the module docstring for the layers), checked
+    against this machine (`check_machine`) so a run fails before any set-up."""
     files, preset, overrides, _ = parse_args(argv)
     layers = [load_yaml(f) for f in files] if files else [dict(OFFLINE_DEFAULT)]
     if preset is None:
@@ -533,7 +543,26 @@ def build_config(argv: list[str]) -> TrainConfig:
     cfg = PRESETS[preset]()
     for layer in layers:
         cfg = apply_overrides(cfg, {k: v for k, v in layer.items() if k != "preset"})
-    return finalize(apply_overrides(cfg, overrides))
+    cfg = finalize(apply_overrides(cfg, overrides))
+    check_machine(cfg)
+    return cfg
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """Refuse settings this machine cannot honour (a saved config elsewhere may still use them)."""
+    import torch
+
+    from cepo_kernels.backend import resolve_backend
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device='cuda' is not allowed: no CUDA device is available here")
+    device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
+    try:
+        resolve_backend(cfg.kernel_backend, device)
+    except ValueError as err:
+        raise ConfigError(f"kernel_backend={cfg.kernel_backend!r} is not allowed on this "
+                          f"machine: {err}; use auto or torch") from None
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from cepo import config as C
 from cepo.config import ConfigError, build_config
@@ -185,3 +186,43 @@ def test_sane_edge_values_are_kept():
                         "--weight_decay", "0", "--grad_clip", "0", "--optim.betas", "0,0.5"])
     assert (cfg.rollout.temperature, cfg.val.temperature, cfg.optim.lr) == (0.0, 0.01, 1.0)
     assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.betas) == (0.0, 0.0, (0, 0.5))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", str(2**64)], ["seed=18446744073709551616", "[0, 536870911]"]),
+    (["--seed", "-1"], ["seed=-1", "[0, 536870911]"]),
+    (["--rollout.group_size", "1"], ["rollout.group_size=1", ">= 2", "relative to the group"]),
+    (["--algo", "grpo", "--group_size", "1"], ["rollout.group_size=1", "grpo's advantages"]),
+])
+def test_flags_that_would_fail_or_do_nothing_later_are_refused(argv, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_largest_seed_is_usable_by_the_trainer():
+    from cepo.train import seed_step, step_generator
+
+    cfg = build_config(["--seed", str(C.MAX_SEED), "--steps", "100000"])
+    seed_step(cfg.seed, cfg.steps, rank=1023, salt=1)  # torch takes seeds below 2**64 only
+    step_generator(cfg.seed, cfg.steps)
+    with pytest.raises(ConfigError, match="seed"):
+        build_config(["--seed", str(C.MAX_SEED + 1)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+@pytest.mark.parametrize("argv", [["--kernel_backend", "triton"], ["--device", "cuda"]])
+def test_cuda_only_settings_are_refused_at_start_up_on_a_cpu_machine(argv, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="not allowed.*(CUDA|cuda)"):
+        build_config(argv)
+    from cepo.train import main
+
+    with pytest.raises(SystemExit, match="config error: (kernel_backend='triton'|device='cuda')"):
+        main(argv)  # before any set-up: no model is built, no run directory is made
+
+
+def test_triton_backend_on_a_cpu_machine_is_kept_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert build_config(["--kernel_backend", "triton"]).kernel_backend == "triton"
