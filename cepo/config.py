@@ -381,8 +381,19 @@ def from_flat(values: dict[str, Any], cls=TrainConfig, prefix: str = ""):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a flat ``{"section.key": value}`` dict."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:  # syntax errors, and tags (!!python/...): never constructed
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {why}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return flatten(data)
@@ -483,10 +494,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
     """Fill the derived values: lr by algorithm, {preset}/{algo} in output_dir."""
+    try:
+        output_dir = cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo)
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is not allowed: only {{preset}} and "
+                          f"{{algo}} are filled in (write {{{{ }}}} for a literal brace); "
+                          f"{type(err).__name__}: {err}") from None
     return dataclasses.replace(
-        cfg,
-        optim=dataclasses.replace(cfg.optim, lr=cfg.lr),
-        output_dir=cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo),
+        cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.lr), output_dir=output_dir
     )
 
 
@@ -509,6 +524,8 @@ def parse_args(argv: list[str]) -> tuple[list[str], str | None, dict[str, Any], 
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+                if key in ("config", "preset") or option_types()[resolve_key(key)] is not bool:
+                    raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
                 value = "true"  # a bare flag: --resume
             else:
                 value, i = nxt, i + 1

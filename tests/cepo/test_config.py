@@ -226,3 +226,51 @@ def test_cuda_only_settings_are_refused_at_start_up_on_a_cpu_machine(argv, monke
 def test_triton_backend_on_a_cpu_machine_is_kept_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert build_config(["--kernel_backend", "triton"]).kernel_backend == "triton"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps"], "--steps needs a value"),
+    (["--steps", "--resume"], "--steps needs a value"),
+    (["--config"], "--config needs a value"),
+    (["--resume", "--lr"], "--lr needs a value"),
+    (["--stpes"], "unknown option 'stpes'; did you mean"),
+])
+def test_a_bare_option_that_is_not_a_flag_needs_a_value(argv, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    assert message in str(err.value)
+    assert build_config(["--resume", "--steps", "3"]).resume is True  # bare flags still work
+
+
+def _main_error(argv) -> str:
+    from cepo.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return str(exit_.value.code)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("steps: 3\n  rollout: [1\n", ["bad.yaml, line 2", "not valid YAML", "mapping values"]),
+    ("steps: [1, 2\n", ["bad.yaml, line 2", "not valid YAML"]),
+    ("steps: !!python/object/apply:os.system ['true']\n", ["bad.yaml, line 1",
+                                                          "python/object/apply:os.system"]),
+])
+def test_yaml_errors_are_one_config_error_line(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    message = _main_error(["--config", str(path)])
+    assert message.startswith("config error: ") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_missing_config_file_and_bad_output_dir_are_config_errors(tmp_path):
+    message = _main_error(["--config", str(tmp_path / "nope.yaml")])
+    assert message == f"config error: config file '{tmp_path / 'nope.yaml'}' does not exist"
+    for bad, why in (("runs/{algoo}", "KeyError: 'algoo'"), ("runs/{", "Single '{'"),
+                     ("runs/{}", "IndexError")):
+        message = _main_error(["--output_dir", bad])
+        assert message.startswith(f"config error: output_dir={bad!r} is not allowed: only "
+                                  "{preset} and {algo}") and why in message, message
+    assert build_config(["--output_dir", "runs/{{x}}-{algo}"]).output_dir == "runs/{x}-cepo"
