@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cepo.errors import ConfigError
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
@@ -40,10 +41,6 @@ DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
 # cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
 MAX_SEED = 2**29 - 1
 MAX_GRADER_S = 3600.0  # an hour per answer or per batch is already far past any sane grading
-
-
-class ConfigError(ValueError):
-    """A bad key or value: the message names the key, the value and what is allowed."""
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
