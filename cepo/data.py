@@ -3,8 +3,11 @@
 Geo3k rows are ``{"images": [image], "problem": "<image>Find x. ...", "answer": "3"}``. They come
 from a local parquet file, JSON-lines file or `datasets` directory, or from the hub where it is
 reachable (`load_geo3k`), or from a built-in synthetic visual-math set drawn with PIL
-(`synthetic_dataset`), so everything runs offline. A bad row (no answer, missing or undecodable
-image) is skipped and counted, never a crash mid-run; a source with no usable row is an error.
+(`synthetic_dataset`), so everything runs offline. A bad row is skipped and counted with its
+reason at load time, never a crash mid-run (or again on every resume): no answer, an answer that is
+not text or a finite number, text that is not valid Unicode, a missing, undecodable or oversized
+image, an aspect ratio the processor refuses, and, given the processor, any prompt it cannot encode.
+A source with no usable row is an error; a file that is not rows names the file and line.
 
 Prompts follow the Geo3k recipe of SPEC §6: the problem (trimmed) + `FORMAT_SUFFIX`, split on
 ``<image>`` into image and text parts of a single user turn, rendered with the model's own chat
@@ -17,7 +20,10 @@ import base64
 import io
 import json
 import logging
+import math
+import numbers
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,10 +33,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cepo.batch import Prefix
+from cepo.errors import DataError, NotAvailable
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
+# Qwen-VL image processors refuse a longer side over 200 x the shorter one (smart_resize).
+MAX_ASPECT_RATIO = 200
 FORMAT_SUFFIX = (
     " Solve the problem step by step, keeping reasoning brief. \nPut ONLY the final answer inside "
     "\\boxed{}."
@@ -139,21 +148,26 @@ def encode_prompts(
 
 
 def load_split(
-    source: str, split: str = "train", *, limit: int | None = None, seed: int = 0
+    source: str, split: str = "train", *, limit: int | None = None, seed: int = 0, processor=None
 ) -> list[Example]:
-    """``"synthetic"`` -> `synthetic_dataset`; anything else -> `load_geo3k`."""
+    """``"synthetic"`` -> `synthetic_dataset`; anything else -> `load_geo3k` (which encodes each
+    row with `processor`, when given, and skips those it refuses)."""
     if source == "synthetic":
         return synthetic_dataset(split, size=limit, seed=seed)
-    return load_geo3k(source, split, limit=limit)
+    return load_geo3k(source, split, limit=limit, processor=processor)
 
 
-def load_geo3k(source: str, split: str = "train", *, limit: int | None = None) -> list[Example]:
+def load_geo3k(
+    source: str, split: str = "train", *, limit: int | None = None, processor=None
+) -> list[Example]:
     """Examples from a Geo3k-schema source: a parquet or JSON-lines file, a directory holding
     such files (``*<split>*.parquet`` / ``*<split>*.jsonl``, as in a hub snapshot) or a
     `datasets.save_to_disk` directory, or else a hub id (e.g. ``hiyouga/geometry3k``).
 
     A single file is read whole (`split` only selects files in a directory or a saved/hub
-    dataset). `limit` stops after that many usable examples.
+    dataset). `limit` stops after that many usable examples. With a `processor` every row is also
+    encoded as a prompt (chat template, tokenizer, image processor), so a row that would crash the
+    step sampling it is skipped here instead.
     """
     rows, base_dir = _read_rows(source, split)
     examples, skipped = [], Counter()
@@ -161,6 +175,9 @@ def load_geo3k(source: str, split: str = "train", *, limit: int | None = None) -
         if limit is not None and len(examples) >= limit:
             break
         example, reason = _row_to_example(row, base_dir, uid=f"{split}-{i}")
+        if example is not None and processor is not None:
+            reason = _encoding_problem(processor, example)
+            example = None if reason else example
         if example is None:
             skipped[reason] += 1
         else:
@@ -198,7 +215,8 @@ def _read_rows(source: str, split: str) -> tuple[list[dict], Path | None]:
         return [row for f in files for row in _read_file(f)], path
     if "/" in source and not source.startswith((".", "/", "~")):
         return _read_hub(source, split), None
-    raise FileNotFoundError(f"{source!r} is neither a file, a directory nor a hub id")
+    raise NotAvailable(f"data set {source!r} is neither a file, a directory nor a hub id; pass a "
+                       "parquet/JSON-lines file or directory, or synthetic")
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -207,11 +225,31 @@ def _read_file(path: Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err})") from None
         if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (parquet, jsonl or json)")
+            rows = _json(text, path, 1)
+            return [_object(row, path, f"item {i}") for i, row in enumerate(rows)]
+        return [_object(_json(line, path, n), path, f"line {n}")
+                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    raise DataError(f"{path}: unsupported file type {path.suffix!r} (parquet, jsonl or json)")
+
+
+def _json(text: str, path: Path, first_line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {first_line + err.lineno - 1}: not JSON ({err.msg}, "
+                        f"column {err.colno})") from None
+
+
+def _object(row, path: Path, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{path}, {where}: a row must be a JSON object with problem, answer and "
+                        f"images; got a {type(row).__name__}")
+    return row
 
 
 def _read_saved_dataset(path: Path, split: str) -> list[dict]:
@@ -231,9 +269,11 @@ def _read_hub(source: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-        raise FileNotFoundError(
-            f"{source!r} is not a local path and could not be loaded from the hub ({err}); "
-            "download it and pass the directory instead"
+        raise NotAvailable(
+            f"data set {source!r} is not a local path and could not be loaded from the hub "
+            f"(offline? {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "download it and pass its directory or file (--data.train PATH, or --data for "
+            "cepo.eval), or use the built-in synthetic set (synthetic)"
         ) from err
     return ds.data.table.to_pylist()
 
@@ -242,12 +282,14 @@ def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example
     missing = [k for k in ("problem", "answer") if k not in row]
     if missing:
         raise KeyError(f"row {uid} lacks field(s) {missing}; fields present: {sorted(row)}")
-    answer = row["answer"]
-    if answer is None or not str(answer).strip():
-        return None, "missing answer"
+    answer, reason = _answer_text(row["answer"])
+    if answer is None:
+        return None, reason
     problem = row["problem"]
     if not isinstance(problem, str) or not problem.strip():
         return None, "missing problem"
+    if not _is_unicode(problem) or not _is_unicode(answer):
+        return None, "text not valid Unicode (lone surrogate)"
     raw_images = row.get("images", row.get("image"))
     if raw_images is None:
         raw_images = []
@@ -260,15 +302,70 @@ def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example
         return None, "more images than <image> markers"
     images = []
     for item in raw_images:
-        image = _decode_image(item, base_dir)
+        image, reason = _load_image(item, base_dir)
         if image is None:
-            return None, "bad image"
+            return None, reason
         images.append(image)
-    return Example(problem=problem, answer=str(answer).strip(), images=tuple(images), uid=uid), ""
+    return Example(problem=problem, answer=answer, images=tuple(images), uid=uid), ""
+
+
+def _answer_text(answer) -> tuple[str | None, str]:
+    """The ground truth as text, or (None, why not). Numbers (3, 2.5) are fine as user data;
+    a bool, NaN, a list or a dict would be graded as the text 'True', 'nan', '[1, 2]'."""
+    if answer is None:
+        return None, "missing answer"
+    if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
+        if not math.isfinite(answer):
+            return None, "answer not a finite number"
+        answer = str(answer)
+    if not isinstance(answer, str):
+        return None, f"answer not text ({type(answer).__name__})"
+    return (answer.strip(), "") if answer.strip() else (None, "missing answer")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate ('\ud800') fails here and in every tokenizer
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _encoding_problem(processor, example: Example) -> str:
+    """Why `processor` cannot encode `example` as a prompt, or "" when it can."""
+    try:
+        encode_prompt(processor, example)
+        return ""
+    except Exception as err:  # noqa: BLE001 - any failure here would recur at every step
+        logger.debug("row %s: the processor refuses the prompt: %s", example.uid, err)
+        return f"prompt refused by the processor ({type(err).__name__})"
 
 
 def _decode_image(item, base_dir: Path | None) -> Image.Image | None:
     """PIL image (RGB) from a PIL image, bytes, ``{"bytes", "path"}``, a path or a data URI."""
+    return _load_image(item, base_dir)[0]
+
+
+def _load_image(item, base_dir: Path | None) -> tuple[Image.Image | None, str]:
+    """`_decode_image` with the reason for a refusal; images the processor would refuse (aspect
+    ratio over `MAX_ASPECT_RATIO`, no pixels) and decompression bombs are refused here."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open_image(item, base_dir)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "image too large (decompression bomb)"
+    if image is None:
+        return None, "bad image"
+    width, height = image.size
+    if min(width, height) < 1:
+        return None, "image has no pixels"
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return None, f"image aspect ratio over {MAX_ASPECT_RATIO}"
+    return image, ""
+
+
+def _open_image(item, base_dir: Path | None) -> Image.Image | None:
     try:
         if isinstance(item, Image.Image):
             image = item
@@ -276,7 +373,7 @@ def _decode_image(item, base_dir: Path | None) -> Image.Image | None:
             if item.get("bytes"):
                 image = Image.open(io.BytesIO(item["bytes"]))
             elif item.get("path"):
-                return _decode_image(item["path"], base_dir)
+                return _open_image(item["path"], base_dir)
             else:
                 return None
         elif isinstance(item, (bytes, bytearray)):
@@ -292,7 +389,7 @@ def _decode_image(item, base_dir: Path | None) -> Image.Image | None:
             return None
         image.load()
         return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError):  # PIL raises all three on corrupt data
+    except (OSError, ValueError, SyntaxError, TypeError):  # corrupt data; a non-bytes "bytes"
         return None
 
 
