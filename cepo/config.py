@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from cepo.errors import ConfigError
+from cepo.grading import DEFAULT_BATCH_BUDGET_S
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
@@ -217,6 +218,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
+    grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step; then 0s
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,6 +243,8 @@ class TrainConfig:
                  "one rollout per prompt every advantage is 0 and nothing is learned")
         _require(0 < self.grader_timeout_s <= MAX_GRADER_S, "grader_timeout_s",
                  self.grader_timeout_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
+        _require(0 < self.grader_batch_budget_s <= MAX_GRADER_S, "grader_batch_budget_s",
+                 self.grader_batch_budget_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
         _require_temperature("rollout.temperature", self.rollout.temperature)
         _require(self.lr * self.optim.weight_decay < 1, "optim.weight_decay",
                  self.optim.weight_decay, f"less than 1 / lr = {1 / self.lr:.3g} (AdamW scales "
