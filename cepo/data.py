@@ -2,7 +2,7 @@
 
 Geo3k rows are ``{"images": [image], "problem": "<image>Find x. ...", "answer": "3"}``. They come
 from a local parquet file, JSON-lines file or `datasets` directory, or from the hub where it is
-reachable (`load_geo3k`), or from a built-in synthetic visual-math set drawn with PIL
+reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in synthetic visual-math set drawn with PIL
 (`synthetic_dataset`), so everything runs offline. A bad row is skipped and counted with its
 reason at load time, never a crash mid-run (or again on every resume): no answer, an answer that is
 not text or a finite number, text that is not valid Unicode, a missing, undecodable or oversized
@@ -16,14 +16,8 @@ template with the assistant header appended.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import logging
-import math
-import numbers
 import random
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,13 +27,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cepo.batch import Prefix
-from cepo.errors import DataError, NotAvailable
+from cepo.sources import answer_text, is_unicode, load_image, read_rows
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
-# Qwen-VL image processors refuse a longer side over 200 x the shorter one (smart_resize).
-MAX_ASPECT_RATIO = 200
 FORMAT_SUFFIX = (
     " Solve the problem step by step, keeping reasoning brief. \nPut ONLY the final answer inside "
     "\\boxed{}."
@@ -169,7 +161,7 @@ def load_geo3k(
     encoded as a prompt (chat template, tokenizer, image processor), so a row that would crash the
     step sampling it is skipped here instead.
     """
-    rows, base_dir = _read_rows(source, split)
+    rows, base_dir = read_rows(source, split)
     examples, skipped = [], Counter()
     for i, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
@@ -197,98 +189,17 @@ def load_geo3k(
     return examples
 
 
-def _read_rows(source: str, split: str) -> tuple[list[dict], Path | None]:
-    path = Path(source).expanduser()
-    if path.is_file():
-        return _read_file(path), path.parent
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_saved_dataset(path, split), path
-        files = sorted(
-            p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and split in p.name
-        )
-        if not files:
-            raise FileNotFoundError(
-                f"{source}: no *{split}*.parquet / *{split}*.jsonl file and no saved `datasets` "
-                "directory found"
-            )
-        return [row for f in files for row in _read_file(f)], path
-    if "/" in source and not source.startswith((".", "/", "~")):
-        return _read_hub(source, split), None
-    raise NotAvailable(f"data set {source!r} is neither a file, a directory nor a hub id; pass a "
-                       "parquet/JSON-lines file or directory, or synthetic")
-
-
-def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text ({err})") from None
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = _json(text, path, 1)
-            return [_object(row, path, f"item {i}") for i, row in enumerate(rows)]
-        return [_object(_json(line, path, n), path, f"line {n}")
-                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    raise DataError(f"{path}: unsupported file type {path.suffix!r} (parquet, jsonl or json)")
-
-
-def _json(text: str, path: Path, first_line: int):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {first_line + err.lineno - 1}: not JSON ({err.msg}, "
-                        f"column {err.colno})") from None
-
-
-def _object(row, path: Path, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise DataError(f"{path}, {where}: a row must be a JSON object with problem, answer and "
-                        f"images; got a {type(row).__name__}")
-    return row
-
-
-def _read_saved_dataset(path: Path, split: str) -> list[dict]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise KeyError(f"{path}: no split {split!r}; available: {list(ds)}")
-        ds = ds[split]
-    return ds.data.table.to_pylist()  # raw arrow rows: images stay undecoded {bytes, path}
-
-
-def _read_hub(source: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-        raise NotAvailable(
-            f"data set {source!r} is not a local path and could not be loaded from the hub "
-            f"(offline? {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "download it and pass its directory or file (--data.train PATH, or --data for "
-            "cepo.eval), or use the built-in synthetic set (synthetic)"
-        ) from err
-    return ds.data.table.to_pylist()
-
-
 def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example | None, str]:
     missing = [k for k in ("problem", "answer") if k not in row]
     if missing:
         raise KeyError(f"row {uid} lacks field(s) {missing}; fields present: {sorted(row)}")
-    answer, reason = _answer_text(row["answer"])
+    answer, reason = answer_text(row["answer"])
     if answer is None:
         return None, reason
     problem = row["problem"]
     if not isinstance(problem, str) or not problem.strip():
         return None, "missing problem"
-    if not _is_unicode(problem) or not _is_unicode(answer):
+    if not is_unicode(problem) or not is_unicode(answer):
         return None, "text not valid Unicode (lone surrogate)"
     raw_images = row.get("images", row.get("image"))
     if raw_images is None:
@@ -302,33 +213,11 @@ def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example
         return None, "more images than <image> markers"
     images = []
     for item in raw_images:
-        image, reason = _load_image(item, base_dir)
+        image, reason = load_image(item, base_dir)
         if image is None:
             return None, reason
         images.append(image)
     return Example(problem=problem, answer=answer, images=tuple(images), uid=uid), ""
-
-
-def _answer_text(answer) -> tuple[str | None, str]:
-    """The ground truth as text, or (None, why not). Numbers (3, 2.5) are fine as user data;
-    a bool, NaN, a list or a dict would be graded as the text 'True', 'nan', '[1, 2]'."""
-    if answer is None:
-        return None, "missing answer"
-    if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
-        if not math.isfinite(answer):
-            return None, "answer not a finite number"
-        answer = str(answer)
-    if not isinstance(answer, str):
-        return None, f"answer not text ({type(answer).__name__})"
-    return (answer.strip(), "") if answer.strip() else (None, "missing answer")
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # a lone surrogate ('\ud800') fails here and in every tokenizer
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _encoding_problem(processor, example: Example) -> str:
@@ -339,58 +228,6 @@ def _encoding_problem(processor, example: Example) -> str:
     except Exception as err:  # noqa: BLE001 - any failure here would recur at every step
         logger.debug("row %s: the processor refuses the prompt: %s", example.uid, err)
         return f"prompt refused by the processor ({type(err).__name__})"
-
-
-def _decode_image(item, base_dir: Path | None) -> Image.Image | None:
-    """PIL image (RGB) from a PIL image, bytes, ``{"bytes", "path"}``, a path or a data URI."""
-    return _load_image(item, base_dir)[0]
-
-
-def _load_image(item, base_dir: Path | None) -> tuple[Image.Image | None, str]:
-    """`_decode_image` with the reason for a refusal; images the processor would refuse (aspect
-    ratio over `MAX_ASPECT_RATIO`, no pixels) and decompression bombs are refused here."""
-    try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open_image(item, base_dir)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "image too large (decompression bomb)"
-    if image is None:
-        return None, "bad image"
-    width, height = image.size
-    if min(width, height) < 1:
-        return None, "image has no pixels"
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        return None, f"image aspect ratio over {MAX_ASPECT_RATIO}"
-    return image, ""
-
-
-def _open_image(item, base_dir: Path | None) -> Image.Image | None:
-    try:
-        if isinstance(item, Image.Image):
-            image = item
-        elif isinstance(item, dict):
-            if item.get("bytes"):
-                image = Image.open(io.BytesIO(item["bytes"]))
-            elif item.get("path"):
-                return _open_image(item["path"], base_dir)
-            else:
-                return None
-        elif isinstance(item, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(item))
-        elif isinstance(item, str) and item.startswith("data:image"):
-            image = Image.open(io.BytesIO(base64.b64decode(item.split(",", 1)[1])))
-        elif isinstance(item, str):
-            p = Path(item)
-            if not p.is_absolute() and base_dir is not None:
-                p = base_dir / p
-            image = Image.open(p)
-        else:
-            return None
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, TypeError):  # corrupt data; a non-bytes "bytes"
-        return None
 
 
 # --------------------------------------------------------------------------- synthetic set

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cepo import data
+from cepo import sources
 from cepo.data import (
     FORMAT_SUFFIX,
     Example,
@@ -276,10 +276,10 @@ def test_decode_image_forms(tmp_path):
     png = _png("green")
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     for item in (png, {"bytes": png}, uri, Image.open(io.BytesIO(png))):
-        image = data._decode_image(item, tmp_path)
+        image = sources.decode_image(item, tmp_path)
         assert image is not None and image.getpixel((0, 0)) == (0, 128, 0)
-    assert data._decode_image(b"garbage", None) is None
-    assert data._decode_image(42, None) is None
+    assert sources.decode_image(b"garbage", None) is None
+    assert sources.decode_image(42, None) is None
 
 
 # --------------------------------------------------------------------------- bad rows
@@ -339,7 +339,7 @@ def test_skipped_rows_are_exactly_those_the_real_processor_refuses(processor, tm
     every kept one."""
 
     def encodes(row: dict) -> bool:
-        images = tuple(data._decode_image(item, tmp_path) for item in row["images"])
+        images = tuple(sources.decode_image(item, tmp_path) for item in row["images"])
         example = Example(row["problem"], row["answer"], images)
         try:
             encode_prompt(processor, example)
