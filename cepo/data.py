@@ -2,8 +2,8 @@
 
 Geo3k rows are ``{"images": [image], "problem": "<image>Find x. ...", "answer": "3"}``. They come
 from a local parquet file, JSON-lines file or `datasets` directory, or from the hub where it is
-reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in synthetic visual-math set drawn with PIL
-(`synthetic_dataset`), so everything runs offline. A bad row is skipped and counted with its
+reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in
+synthetic visual-math set drawn with PIL (`synthetic_dataset`), so everything runs offline. A bad row is skipped and counted with its
 reason at load time, never a crash mid-run (or again on every resume): no answer, an answer that is
 not text or a finite number, text that is not valid Unicode, a missing, undecodable or oversized
 image, an aspect ratio the processor refuses, and, given the processor, any prompt it cannot encode.
