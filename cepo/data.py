@@ -2,12 +2,13 @@
 
 Geo3k rows are ``{"images": [image], "problem": "<image>Find x. ...", "answer": "3"}``. They come
 from a local parquet file, JSON-lines file or `datasets` directory, or from the hub where it is
-reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in
-synthetic visual-math set drawn with PIL (`synthetic_dataset`), so everything runs offline. A bad row is skipped and counted with its
-reason at load time, never a crash mid-run (or again on every resume): no answer, an answer that is
-not text or a finite number, text that is not valid Unicode, a missing, undecodable or oversized
-image, an aspect ratio the processor refuses, and, given the processor, any prompt it cannot encode.
-A source with no usable row is an error; a file that is not rows names the file and line.
+reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in synthetic
+visual-math set drawn with PIL (`synthetic_dataset`), so everything runs offline. A bad row is
+skipped and counted with its reason at load time, never a crash mid-run (or again on every resume):
+no answer, an answer that is not text or a finite number, text that is not valid Unicode, a
+missing, undecodable or oversized image, an aspect ratio the processor refuses, and, given the
+processor, any prompt it cannot encode. A source with no usable row is an error; a file that is not
+rows names the file and line.
 
 Prompts follow the Geo3k recipe of SPEC §6: the problem (trimmed) + `FORMAT_SUFFIX`, split on
 ``<image>`` into image and text parts of a single user turn, rendered with the model's own chat

@@ -302,8 +302,8 @@ def test_answers_that_are_not_text_or_a_finite_number_are_skipped_and_counted(tm
     examples = _load_jsonl(tmp_path, rows, caplog)
     assert [(e.problem, e.answer) for e in examples] == [
         ("Q6", "3"), ("Q7", "2.5"), ("Q8", "7"), ("Q9", "x")]
-    assert ("skipped 6 (answer not a finite number: 2, answer not text (bool): 1, "
-            "answer not text (dict): 1, answer not text (list): 1, missing answer: 1)") in caplog.text
+    assert ("skipped 6 (answer not a finite number: 2, answer not text (bool): 1, answer not "
+            "text (dict): 1, answer not text (list): 1, missing answer: 1)") in caplog.text
 
 
 def _bad_rows() -> list[tuple[dict, str]]:
@@ -367,7 +367,7 @@ def test_decompression_bombs_and_undecodable_bytes_skip_the_row(tmp_path, caplog
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL: warns above 1x, raises above 2x
     rows = [{"images": [_uri((100, 100))], "problem": "<image>A", "answer": "1"},  # 10,000 px
             {"images": [_uri((40, 40))], "problem": "<image>B", "answer": "2"},  # 1,600 px
-            {"images": [{"bytes": "not bytes", "path": None}], "problem": "<image>C", "answer": "3"},
+            {"images": [{"bytes": "not bytes"}], "problem": "<image>C", "answer": "3"},
             {"images": [{"bytes": [1, 2]}], "problem": "<image>D", "answer": "4"},
             {"images": [_uri((30, 30))], "problem": "<image>E", "answer": "5"}]
     examples = _load_jsonl(tmp_path, rows, caplog)
