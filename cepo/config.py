@@ -577,7 +577,8 @@ def check_machine(cfg: TrainConfig) -> None:
         raise ConfigError("device='cuda' is not allowed: no CUDA device is available here")
     device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
     try:
-        resolve_backend(cfg.kernel_backend, device)
+        if cfg.kernel_backend == "triton":  # auto and torch run anywhere
+            resolve_backend(cfg.kernel_backend, device)
     except ValueError as err:
         raise ConfigError(f"kernel_backend={cfg.kernel_backend!r} is not allowed on this "
                           f"machine: {err}; use auto or torch") from None
