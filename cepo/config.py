@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import types
 import typing
@@ -30,21 +31,31 @@ from typing import Any, Literal
 
 import yaml
 
+from cepo.errors import ConfigError
+from cepo.grading import DEFAULT_BATCH_BUDGET_S
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
 ALGOS = ("cepo", "rlsd", "grpo")
 # SPEC §7: lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
-
-
-class ConfigError(ValueError):
-    """A bad key or value: the message names the key, the value and what is allowed."""
+# cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
+MAX_SEED = 2**29 - 1
+MAX_GRADER_S = 3600.0  # an hour per answer or per batch is already far past any sane grading
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+# Below this a sampling temperature is greedy in effect, and logits / T overflow in low precision.
+MIN_TEMPERATURE = 0.01
+
+
+def _require_temperature(key: str, value: float) -> None:
+    _require(value == 0 or MIN_TEMPERATURE <= value < math.inf, key, value,
+             f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -116,10 +127,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
     def __post_init__(self):
-        _require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "None or a number > 0")
+        _require(self.lr is None or 0 < self.lr <= 1, "optim.lr", self.lr,
+                 "None or a number > 0 and <= 1 (AdamW moves each weight by about lr per step)")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  self.betas, "two numbers in [0, 1)")
+        _require(0 < self.eps <= 1, "optim.eps", self.eps, "a number in (0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a number >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
                  "an integer >= 0")
@@ -160,7 +173,7 @@ class ValConfig:
 
     def __post_init__(self):
         _require(self.every >= 0, "val.every", self.every, "an integer >= 0")
-        _require(self.temperature >= 0, "val.temperature", self.temperature, "a number >= 0")
+        _require_temperature("val.temperature", self.temperature)
         _require(0 < self.top_p <= 1, "val.top_p", self.top_p, "a number in (0, 1]")
         _require(self.batch_size >= 1, "val.batch_size", self.batch_size, "an integer >= 1")
 
@@ -205,6 +218,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
+    grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step; then 0s
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -222,8 +236,19 @@ class TrainConfig:
         _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
                  "an integer >= 1")
         _require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
-        _require(self.grader_timeout_s > 0, "grader_timeout_s", self.grader_timeout_s,
-                 "a number > 0")
+        _require(0 <= self.seed <= MAX_SEED, "seed", self.seed,
+                 f"an integer in [0, {MAX_SEED}] (2**29 - 1)")
+        _require(self.rollout.group_size >= 2, "rollout.group_size", self.rollout.group_size,
+                 f"an integer >= 2: {self.algo}'s advantages are relative to the group, so with "
+                 "one rollout per prompt every advantage is 0 and nothing is learned")
+        _require(0 < self.grader_timeout_s <= MAX_GRADER_S, "grader_timeout_s",
+                 self.grader_timeout_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
+        _require(0 < self.grader_batch_budget_s <= MAX_GRADER_S, "grader_batch_budget_s",
+                 self.grader_batch_budget_s, f"a number in (0, {MAX_GRADER_S:.0f}] (seconds)")
+        _require_temperature("rollout.temperature", self.rollout.temperature)
+        _require(self.lr * self.optim.weight_decay < 1, "optim.weight_decay",
+                 self.optim.weight_decay, f"less than 1 / lr = {1 / self.lr:.3g} (AdamW scales "
+                 "weights by 1 - lr * weight_decay each step)")
         _require(self.sharding != "fsdp" or self.mixed_precision != "fp16", "mixed_precision",
                  self.mixed_precision, "'no' or 'bf16' with sharding=fsdp (fp16 needs loss "
                  "scaling, which the FSDP path does not do)")
@@ -357,8 +382,19 @@ def from_flat(values: dict[str, Any], cls=TrainConfig, prefix: str = ""):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a flat ``{"section.key": value}`` dict."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:  # syntax errors, and tags (!!python/...): never constructed
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {why}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return flatten(data)
@@ -432,6 +468,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: an integer")
         try:
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)  # exact: a float would round integers past 2**53
             number = float(value) if isinstance(value, str) else value
             if isinstance(number, float) and not number.is_integer():
                 raise ValueError
@@ -439,12 +477,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not allowed: an integer") from None
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not allowed: a number")
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not allowed: a number") from None
+        if not math.isfinite(number):  # inf / nan (YAML .inf, .nan) never make a sane setting
+            raise ConfigError(f"{key}={value!r} is not allowed: a finite number")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not allowed: text")
@@ -454,10 +495,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
     """Fill the derived values: lr by algorithm, {preset}/{algo} in output_dir."""
+    try:
+        output_dir = cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo)
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is not allowed: only {{preset}} and "
+                          f"{{algo}} are filled in (write {{{{ }}}} for a literal brace); "
+                          f"{type(err).__name__}: {err}") from None
     return dataclasses.replace(
-        cfg,
-        optim=dataclasses.replace(cfg.optim, lr=cfg.lr),
-        output_dir=cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo),
+        cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.lr), output_dir=output_dir
     )
 
 
@@ -480,6 +525,8 @@ def parse_args(argv: list[str]) -> tuple[list[str], str | None, dict[str, Any], 
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+                if key in ("config", "preset") or option_types()[resolve_key(key)] is not bool:
+                    raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
                 value = "true"  # a bare flag: --resume
             else:
                 value, i = nxt, i + 1
@@ -502,7 +549,8 @@ def _is_number(text: str) -> bool:
 
 
 def build_config(argv: list[str]) -> TrainConfig:
-    """The finalized config of a command line (see the module docstring for the layers)."""
+    """The finalized config of a command line (see the module docstring for the layers), checked
+    against this machine (`check_machine`) so a run fails before any set-up."""
     files, preset, overrides, _ = parse_args(argv)
     layers = [load_yaml(f) for f in files] if files else [dict(OFFLINE_DEFAULT)]
     if preset is None:
@@ -513,7 +561,27 @@ def build_config(argv: list[str]) -> TrainConfig:
     cfg = PRESETS[preset]()
     for layer in layers:
         cfg = apply_overrides(cfg, {k: v for k, v in layer.items() if k != "preset"})
-    return finalize(apply_overrides(cfg, overrides))
+    cfg = finalize(apply_overrides(cfg, overrides))
+    check_machine(cfg)
+    return cfg
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """Refuse settings this machine cannot honour (a saved config elsewhere may still use them)."""
+    import torch
+
+    from cepo_kernels.backend import resolve_backend
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device='cuda' is not allowed: no CUDA device is available here")
+    device = torch.device("cuda" if cuda and cfg.device != "cpu" else "cpu")
+    try:
+        if cfg.kernel_backend == "triton":  # auto and torch run anywhere
+            resolve_backend(cfg.kernel_backend, device)
+    except ValueError as err:
+        raise ConfigError(f"kernel_backend={cfg.kernel_backend!r} is not allowed on this "
+                          f"machine: {err}; use auto or torch") from None
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -2,9 +2,13 @@
 
 Geo3k rows are ``{"images": [image], "problem": "<image>Find x. ...", "answer": "3"}``. They come
 from a local parquet file, JSON-lines file or `datasets` directory, or from the hub where it is
-reachable (`load_geo3k`), or from a built-in synthetic visual-math set drawn with PIL
-(`synthetic_dataset`), so everything runs offline. A bad row (no answer, missing or undecodable
-image) is skipped and counted, never a crash mid-run; a source with no usable row is an error.
+reachable (`load_geo3k`; reading and decoding live in `cepo.sources`), or from a built-in synthetic
+visual-math set drawn with PIL (`synthetic_dataset`), so everything runs offline. A bad row is
+skipped and counted with its reason at load time, never a crash mid-run (or again on every resume):
+no answer, an answer that is not text or a finite number, text that is not valid Unicode, a
+missing, undecodable or oversized image, an aspect ratio the processor refuses, and, given the
+processor, any prompt it cannot encode. A source with no usable row is an error; a file that is not
+rows names the file and line.
 
 Prompts follow the Geo3k recipe of SPEC §6: the problem (trimmed) + `FORMAT_SUFFIX`, split on
 ``<image>`` into image and text parts of a single user turn, rendered with the model's own chat
@@ -13,9 +17,6 @@ template with the assistant header appended.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import logging
 import random
 from collections import Counter
@@ -27,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from cepo.batch import Prefix
+from cepo.sources import answer_text, is_unicode, load_image, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -139,28 +141,36 @@ def encode_prompts(
 
 
 def load_split(
-    source: str, split: str = "train", *, limit: int | None = None, seed: int = 0
+    source: str, split: str = "train", *, limit: int | None = None, seed: int = 0, processor=None
 ) -> list[Example]:
-    """``"synthetic"`` -> `synthetic_dataset`; anything else -> `load_geo3k`."""
+    """``"synthetic"`` -> `synthetic_dataset`; anything else -> `load_geo3k` (which encodes each
+    row with `processor`, when given, and skips those it refuses)."""
     if source == "synthetic":
         return synthetic_dataset(split, size=limit, seed=seed)
-    return load_geo3k(source, split, limit=limit)
+    return load_geo3k(source, split, limit=limit, processor=processor)
 
 
-def load_geo3k(source: str, split: str = "train", *, limit: int | None = None) -> list[Example]:
+def load_geo3k(
+    source: str, split: str = "train", *, limit: int | None = None, processor=None
+) -> list[Example]:
     """Examples from a Geo3k-schema source: a parquet or JSON-lines file, a directory holding
     such files (``*<split>*.parquet`` / ``*<split>*.jsonl``, as in a hub snapshot) or a
     `datasets.save_to_disk` directory, or else a hub id (e.g. ``hiyouga/geometry3k``).
 
     A single file is read whole (`split` only selects files in a directory or a saved/hub
-    dataset). `limit` stops after that many usable examples.
+    dataset). `limit` stops after that many usable examples. With a `processor` every row is also
+    encoded as a prompt (chat template, tokenizer, image processor), so a row that would crash the
+    step sampling it is skipped here instead.
     """
-    rows, base_dir = _read_rows(source, split)
+    rows, base_dir = read_rows(source, split)
     examples, skipped = [], Counter()
     for i, row in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
         example, reason = _row_to_example(row, base_dir, uid=f"{split}-{i}")
+        if example is not None and processor is not None:
+            reason = _encoding_problem(processor, example)
+            example = None if reason else example
         if example is None:
             skipped[reason] += 1
         else:
@@ -180,74 +190,18 @@ def load_geo3k(source: str, split: str = "train", *, limit: int | None = None) -
     return examples
 
 
-def _read_rows(source: str, split: str) -> tuple[list[dict], Path | None]:
-    path = Path(source).expanduser()
-    if path.is_file():
-        return _read_file(path), path.parent
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_saved_dataset(path, split), path
-        files = sorted(
-            p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl") and split in p.name
-        )
-        if not files:
-            raise FileNotFoundError(
-                f"{source}: no *{split}*.parquet / *{split}*.jsonl file and no saved `datasets` "
-                "directory found"
-            )
-        return [row for f in files for row in _read_file(f)], path
-    if "/" in source and not source.startswith((".", "/", "~")):
-        return _read_hub(source, split), None
-    raise FileNotFoundError(f"{source!r} is neither a file, a directory nor a hub id")
-
-
-def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (parquet, jsonl or json)")
-
-
-def _read_saved_dataset(path: Path, split: str) -> list[dict]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise KeyError(f"{path}: no split {split!r}; available: {list(ds)}")
-        ds = ds[split]
-    return ds.data.table.to_pylist()  # raw arrow rows: images stay undecoded {bytes, path}
-
-
-def _read_hub(source: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-        raise FileNotFoundError(
-            f"{source!r} is not a local path and could not be loaded from the hub ({err}); "
-            "download it and pass the directory instead"
-        ) from err
-    return ds.data.table.to_pylist()
-
-
 def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example | None, str]:
     missing = [k for k in ("problem", "answer") if k not in row]
     if missing:
         raise KeyError(f"row {uid} lacks field(s) {missing}; fields present: {sorted(row)}")
-    answer = row["answer"]
-    if answer is None or not str(answer).strip():
-        return None, "missing answer"
+    answer, reason = answer_text(row["answer"])
+    if answer is None:
+        return None, reason
     problem = row["problem"]
     if not isinstance(problem, str) or not problem.strip():
         return None, "missing problem"
+    if not is_unicode(problem) or not is_unicode(answer):
+        return None, "text not valid Unicode (lone surrogate)"
     raw_images = row.get("images", row.get("image"))
     if raw_images is None:
         raw_images = []
@@ -260,40 +214,21 @@ def _row_to_example(row: dict, base_dir: Path | None, uid: str) -> tuple[Example
         return None, "more images than <image> markers"
     images = []
     for item in raw_images:
-        image = _decode_image(item, base_dir)
+        image, reason = load_image(item, base_dir)
         if image is None:
-            return None, "bad image"
+            return None, reason
         images.append(image)
-    return Example(problem=problem, answer=str(answer).strip(), images=tuple(images), uid=uid), ""
+    return Example(problem=problem, answer=answer, images=tuple(images), uid=uid), ""
 
 
-def _decode_image(item, base_dir: Path | None) -> Image.Image | None:
-    """PIL image (RGB) from a PIL image, bytes, ``{"bytes", "path"}``, a path or a data URI."""
+def _encoding_problem(processor, example: Example) -> str:
+    """Why `processor` cannot encode `example` as a prompt, or "" when it can."""
     try:
-        if isinstance(item, Image.Image):
-            image = item
-        elif isinstance(item, dict):
-            if item.get("bytes"):
-                image = Image.open(io.BytesIO(item["bytes"]))
-            elif item.get("path"):
-                return _decode_image(item["path"], base_dir)
-            else:
-                return None
-        elif isinstance(item, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(item))
-        elif isinstance(item, str) and item.startswith("data:image"):
-            image = Image.open(io.BytesIO(base64.b64decode(item.split(",", 1)[1])))
-        elif isinstance(item, str):
-            p = Path(item)
-            if not p.is_absolute() and base_dir is not None:
-                p = base_dir / p
-            image = Image.open(p)
-        else:
-            return None
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError):  # PIL raises all three on corrupt data
-        return None
+        encode_prompt(processor, example)
+        return ""
+    except Exception as err:  # noqa: BLE001 - any failure here would recur at every step
+        logger.debug("row %s: the processor refuses the prompt: %s", example.uid, err)
+        return f"prompt refused by the processor ({type(err).__name__})"
 
 
 # --------------------------------------------------------------------------- synthetic set

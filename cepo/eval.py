@@ -7,9 +7,11 @@ saved run:
     python -m cepo.eval --checkpoint runs/tiny-cepo                 # its latest checkpoint
     python -m cepo.eval --checkpoint runs/tiny-cepo/checkpoints/step-000010 --split val --limit 64
     python -m cepo.eval --model tiny-warm --data synthetic --split val   # a model without a run
+    python -m cepo.eval --model runs/tiny-cepo/merged                    # a merged LoRA run
 
-The data, split, base model and token limits default to the run's own config. Results are
-printed and written as JSON next to the checkpoint (or to ``--output``).
+The data, split, base model and token limits default to the run's own config (a merged folder
+keeps it as cepo_config.yaml). Results are printed and written as JSON next to the checkpoint
+(or to ``--output``). A model or data set that is not available is one line saying what to pass.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 import torch
 
 from cepo.data import Example, encode_prompts
+from cepo.errors import UserError
 from cepo.grading import Grader
 from cepo.reward import compute_rewards
 from cepo.rollout import HFRolloutEngine, RolloutConfig
 
 logger = logging.getLogger(__name__)
+MERGED_CONFIG = "cepo_config.yaml"  # written by cepo.lora next to a merged model
 
 
 @torch.no_grad()
@@ -103,7 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--output", help="JSON file for the results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except UserError as err:
+        raise SystemExit(f"{err.label}: {err}") from None
 
+
+def _run(args: argparse.Namespace) -> dict[str, float]:
     from cepo.config import TrainConfig, finalize, from_yaml
     from cepo.data import load_split
     from cepo.models import load_model, load_processor
@@ -113,25 +123,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.checkpoint:
         from cepo.checkpoint import resolve_checkpoint_path
 
-        path = resolve_checkpoint_path(args.checkpoint)
+        try:
+            path = resolve_checkpoint_path(args.checkpoint)
+        except FileNotFoundError as err:
+            raise UserError(f"{err}; pass a run directory or one of its checkpoints") from None
         cfg = from_yaml(path / "config.yaml")
-        model = _load_checkpoint_model(cfg, path, device)
         output = Path(args.output) if args.output else path / "eval.json"
     else:
-        cfg = finalize(TrainConfig())
-        model = load_model(args.model, device=device)
+        saved = Path(args.model) / MERGED_CONFIG  # a merged run keeps its config
+        cfg = from_yaml(saved) if saved.is_file() else finalize(TrainConfig())
         output = Path(args.output) if args.output else None
     threads = args.num_threads if args.num_threads is not None else cfg.num_threads
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
+    # processor and data before the model: what is missing is said before the slow part
     name = args.model or cfg.model.name
     processor = load_processor(name)
     source = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
     limit = args.limit or (cfg.data.val_limit if not args.split else None)
-    examples = load_split(source, split, limit=limit, seed=cfg.seed)
+    try:
+        examples = load_split(source, split, limit=limit, seed=cfg.seed, processor=processor)
+    except UserError:
+        raise
+    except (FileNotFoundError, KeyError) as err:  # a directory without the split, no such split
+        raise UserError(f"{err.args[0] if err.args else err}; pass --data a local file or "
+                        "directory and --split one it holds, or --data synthetic") from None
+    if args.checkpoint:
+        model = _load_checkpoint_model(cfg, path, device)
+    else:
+        model = load_model(args.model, device=device)
     torch.manual_seed(args.seed)
-    grader = Grader(timeout_s=cfg.grader_timeout_s)
+    grader = Grader(timeout_s=cfg.grader_timeout_s, batch_budget_s=cfg.grader_batch_budget_s)
     try:
         result = evaluate(
             model, processor, examples,

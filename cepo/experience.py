@@ -20,7 +20,7 @@ import torch
 
 from cepo.advantages import group_advantages, mixed_groups
 from cepo.data import Example, encode_prompts
-from cepo.grading import Grader
+from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader
 from cepo.reward import Rewards, compute_rewards
 from cepo.rollout import HFRolloutEngine, RolloutConfig, RolloutEngine, Rollouts
 from cepo.teachers import (
@@ -39,6 +39,7 @@ class ExperienceConfig:
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"
     eps_w: float = 0.5
     grader_timeout_s: float = 5.0  # hard limit per graded answer
+    grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
     kernel_backend: str = "auto"  # cepo_kernels backend: "auto" | "triton" | "torch"
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -121,8 +122,9 @@ def make_experience(
     timings["time/rollout"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    timeouts_before = grader.timeouts
-    rewards = compute_rewards(rollouts.texts, rollouts.ground_truths(), grader)
+    timeouts_before, skipped_before = grader.timeouts, grader.skipped
+    rewards = compute_rewards(rollouts.texts, rollouts.ground_truths(), grader,
+                              budget_s=config.grader_batch_budget_s)
     advantages = group_advantages(rewards.reward, rollouts.group_size)  # [N]
     timings["time/reward"] = time.perf_counter() - clock
 
@@ -160,6 +162,7 @@ def make_experience(
     metrics = step_metrics(rollouts, rewards, advantages, scores, wrong_answers, lam)
     metrics["rollout/dropped_prompts"] = float(dropped)
     metrics["reward/grader_timeouts"] = float(grader.timeouts - timeouts_before)
+    metrics["reward/grader_skipped"] = float(grader.skipped - skipped_before)  # budget spent
     metrics.update(timings)
     return Experience(rollouts, rewards, advantages, scores, wrong_answers, lam, metrics)
 

@@ -1,11 +1,15 @@
 """Answer extraction and equivalence grading with a hard time limit.
 
-`extract_boxed` takes the last ``\\boxed{...}`` of a response (brace-matched). `Grader` decides
+`extract_boxed` takes the last ``\\boxed{...}`` of a response (brace-matched, in one linear pass:
+it runs in the parent, outside any time limit, on text the policy wrote). `Grader` decides
 whether an extracted answer equals the ground truth: an exact match after light normalisation is
 settled here; everything else goes to math-verify (symbolic/numeric equivalence, e.g.
 ``\\frac{1}{2}`` = ``0.5``) in a child process. The child is why: sympy can spin inside C code
 where no signal reaches it, so the only limit that always holds is killing the process. A graded
-answer that runs past the limit counts as wrong, the child is restarted and the step goes on.
+answer that runs past the limit counts as wrong, the child is restarted and the step goes on. A
+batch has a budget too (`Grader.batch_budget_s`): once it is spent, the answers still waiting are
+scored 0 without grading and counted (`Grader.skipped`), so one step cannot take
+answers x limit.
 
 This module must not import torch: the child runs ``python -m cepo.grading`` and should start in
 about a second.
@@ -21,29 +25,38 @@ import re
 import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT_S = 120.0
+DEFAULT_BATCH_BUDGET_S = 120.0  # math-verify time per graded batch, over all its answers
 _BOXED = re.compile(r"\\boxed\s*\{")
+_BRACES = re.compile(r"[{}]")
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` in `text`, or None when there is none.
 
     An unclosed last box (a truncated response) falls back to the last complete one before it.
+    One pass over the braces with a stack of open ones: linear in len(text), however many boxes
+    are left open.
     """
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-    return None
+    openers = {match.end() - 1 for match in _BOXED.finditer(text)}  # each box's "{"
+    if not openers:
+        return None
+    stack: list[int] = []
+    last: tuple[int, int] | None = None  # (open, close) of the complete box opened last
+    for brace in _BRACES.finditer(text):
+        i = brace.start()
+        if text[i] == "{":
+            stack.append(i)
+        elif stack:  # a "}" closes the innermost open brace; a stray one closes nothing
+            start = stack.pop()
+            if start in openers and (last is None or start > last[0]):
+                last = (start, i)
+    return None if last is None else text[last[0] + 1 : last[1]].strip()
 
 
 _STRIP = (
@@ -75,23 +88,34 @@ def _math_verify_equal(answer: str, ground_truth: str, timeout_s: int) -> bool:
 
 
 class Grader:
-    """Grades (answer, ground truth) pairs; math-verify runs in a child with a per-pair deadline.
+    """Grades (answer, ground truth) pairs; math-verify runs in a child with a per-pair deadline
+    and a per-batch budget.
 
     The child starts on first use and is reused; `close()` (also registered at exit) ends it.
     """
 
-    def __init__(self, timeout_s: float = 5.0):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    def __init__(self, timeout_s: float = 5.0, batch_budget_s: float = DEFAULT_BATCH_BUDGET_S):
+        for name, value in (("timeout_s", timeout_s), ("batch_budget_s", batch_budget_s)):
+            if not 0 < value < float("inf"):  # also refuses NaN
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         self.timeout_s = timeout_s
+        self.batch_budget_s = batch_budget_s
         self.timeouts = 0  # pairs that ran past the limit, over the grader's lifetime
+        self.skipped = 0  # pairs scored 0 ungraded because their batch's budget was spent
+        self._startup_s = 0.0  # seconds spent starting children: never charged to a budget
         self._proc: subprocess.Popen | None = None
         atexit.register(self.close)
 
     def grade(self, answer: str | None, ground_truth: str) -> bool:
         return self.grade_many([(answer, ground_truth)])[0]
 
-    def grade_many(self, pairs: list[tuple[str | None, str]]) -> list[bool]:
+    def grade_many(
+        self, pairs: list[tuple[str | None, str]], *, budget_s: float | None = None
+    ) -> list[bool]:
+        """One verdict per pair; math-verify gets `budget_s` seconds for the whole batch
+        (default `batch_budget_s`), after which the pairs still waiting count as wrong."""
+        budget_s = self.batch_budget_s if budget_s is None else budget_s
+        deadline = time.monotonic() + budget_s - self._startup_s
         results: list[bool | None] = []
         for answer, truth in pairs:
             if answer is None or not answer.strip():
@@ -100,12 +124,22 @@ class Grader:
                 results.append(True)
             else:
                 results.append(None)  # needs math-verify
+        skipped = 0
         for i, (answer, truth) in enumerate(pairs):
             if results[i] is None:
-                results[i] = self._ask_child(answer, truth)
+                left = deadline + self._startup_s - time.monotonic()
+                if left <= 0:
+                    skipped += 1
+                    results[i] = False
+                else:
+                    results[i] = self._ask_child(answer, truth, min(self.timeout_s, left))
+        if skipped:
+            self.skipped += skipped
+            logger.warning("grading budget of %.3gs for the batch spent: %d answer(s) counted as "
+                           "wrong without grading", budget_s, skipped)
         return [bool(r) for r in results]
 
-    def _ask_child(self, answer: str, truth: str) -> bool:
+    def _ask_child(self, answer: str, truth: str, limit_s: float) -> bool:
         request = json.dumps({"answer": answer, "truth": truth}) + "\n"
         for attempt in range(2):  # a child that died between requests is restarted once
             proc = self._child()
@@ -117,14 +151,14 @@ class Grader:
                 self.close()
                 if attempt:
                     raise RuntimeError("the grading child keeps exiting") from None
-        line = self._read_line(proc, self.timeout_s + 1.0)  # 1 s for the pipe round trip
+        line = self._read_line(proc, limit_s + 1.0)  # 1 s for the pipe round trip
         if line is None:
             self.timeouts += 1
             logger.warning(
                 "grading %r against %r exceeded %.0fs; counted as wrong",
                 answer[:80],
                 truth[:80],
-                self.timeout_s,
+                limit_s,
             )
             self.close()
             return False
@@ -155,7 +189,10 @@ class Grader:
             env=env,
         )
         # The child says when math-verify is imported, so start-up never counts against a pair.
-        if self._read_line(self._proc, _STARTUP_TIMEOUT_S) is None:
+        clock = time.monotonic()
+        ready = self._read_line(self._proc, _STARTUP_TIMEOUT_S)
+        self._startup_s += time.monotonic() - clock
+        if ready is None:
             self.close()
             raise RuntimeError(
                 f"the grading child (python -m cepo.grading) did not start within "

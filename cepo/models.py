@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from cepo.batch import ModelInputs
+from cepo.errors import NotAvailable
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ def load_processor(name_or_path: str, **kwargs):
     """
     global _FALLBACK_ANNOUNCED
     path = resolve_checkpoint(name_or_path)
-    model_type = AutoConfig.from_pretrained(path, **kwargs).model_type
+    try:
+        model_type = AutoConfig.from_pretrained(path, **kwargs).model_type
+    except OSError as err:
+        raise not_available(name_or_path, err) from err
     if torchvision_available() or model_type != "qwen3_vl":
         processor = AutoProcessor.from_pretrained(path, **kwargs)
     else:
@@ -125,6 +129,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def not_available(name: str, err: OSError) -> NotAvailable:
+    """What is missing and what to pass, for a model that could not be loaded."""
+    why = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if Path(name).expanduser().exists():
+        return NotAvailable(f"model {name!r} cannot be loaded from that directory ({why}); pass a "
+                            "directory holding a saved model and its processor files")
+    return NotAvailable(
+        f"model {name!r} is not a local directory and could not be loaded from the hub (offline? "
+        f"{why}); download it (huggingface-cli download {name}) and pass its directory instead, "
+        "or use the built-in offline model tiny-warm"
+    )
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -147,7 +164,10 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         logger.info("HF_HUB_OFFLINE=1: %s must already be in the local hub cache", path)
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device)
+    except OSError as err:
+        raise not_available(name_or_path, err) from err
     if gradient_checkpointing:
         # transformers >= 5.2x renamed it; the old name still works but warns
         ckpt_kwargs = {"use_reentrant": False}

@@ -30,16 +30,21 @@ class Rewards:
 
 
 def compute_rewards(
-    responses: Sequence[str], ground_truths: Sequence[str], grader: Grader
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    grader: Grader,
+    *,
+    budget_s: float | None = None,
 ) -> Rewards:
-    """Score every response against its ground truth (one ground truth per response)."""
+    """Score every response against its ground truth (one ground truth per response); grading
+    gets `budget_s` seconds for the batch (default: the grader's `batch_budget_s`)."""
     if len(responses) != len(ground_truths):
         raise ValueError(
             f"{len(responses)} responses but {len(ground_truths)} ground truths; "
             "pass one per response"
         )
     answers = [extract_boxed(text) for text in responses]
-    correct = grader.grade_many(list(zip(answers, ground_truths)))
+    correct = grader.grade_many(list(zip(answers, ground_truths)), budget_s=budget_s)
     accuracy = torch.tensor(correct, dtype=torch.float32)
     fmt = torch.tensor([a is not None for a in answers], dtype=torch.float32)
     return Rewards(

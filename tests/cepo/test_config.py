@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from cepo import config as C
 from cepo.config import ConfigError, build_config
@@ -138,3 +139,138 @@ def test_help_lists_every_option_with_default(capsys):
         assert f"--{key} " in text, key
     assert "--steps (int)" in text and "50  [30]" in text  # paper default, offline default
     assert "λ at step 1 (SPEC §4)" in text  # the why, from the source comments
+
+
+@pytest.mark.parametrize("argv, key, allowed", [
+    (["--lr", "inf"], "optim.lr", "finite"),
+    (["--lr", "nan"], "optim.lr", "finite"),
+    (["--lr", "0"], "optim.lr", "> 0"),
+    (["--lr", "1e30"], "optim.lr", "<= 1"),
+    (["--rollout.temperature", "nan"], "rollout.temperature", "finite"),
+    (["--rollout.temperature", "-1"], "rollout", "temperature >= 0"),
+    (["--rollout.temperature", "1e-40"], "rollout.temperature", ">= 0.01"),
+    (["--val.temperature", "1e-40"], "val.temperature", ">= 0.01"),
+    (["--val.temperature", "inf"], "val.temperature", "finite"),
+    (["--rollout.top_p", "0"], "rollout", "top_p"),
+    (["--val.top_p", "1.5"], "val.top_p", "(0, 1]"),
+    (["--optim.eps", "0"], "optim.eps", "(0, 1]"),
+    (["--optim.eps", "-1e-8"], "optim.eps", "(0, 1]"),
+    (["--eps_w", "nan"], "cepo.eps_w", "finite"),
+    (["--grad_clip", "-1"], "optim.grad_clip", ">= 0"),
+    (["--grad_clip", "inf"], "optim.grad_clip", "finite"),
+    (["--optim.betas", "0.9,1.0"], "optim.betas", "[0, 1)"),
+    (["--optim.betas", "0.9,nan"], "optim.betas", "finite"),
+    (["--weight_decay", "-0.1"], "optim.weight_decay", ">= 0"),
+    (["--weight_decay", "2000", "--lr", "1e-3"], "optim.weight_decay", "1 / lr"),
+    (["--lam0", "nan"], "cepo.lam0", "finite"),
+    (["--lora.alpha", "inf"], "lora.alpha", "finite"),
+    (["--clip_dual", "inf"], "ppo.clip_dual", "finite"),
+    (["--grader_timeout_s", "inf"], "grader_timeout_s", "finite"),
+    (["--grader_timeout_s", "1e9"], "grader_timeout_s", "(0, 3600]"),
+])
+def test_non_finite_and_absurd_numbers_are_refused(argv, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    assert key in str(err.value) and allowed in str(err.value), str(err.value)
+
+
+def test_non_finite_numbers_in_yaml_are_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"optim.lr=inf is not allowed: a finite number"):
+        build_config(["--config", str(path)])
+
+
+def test_sane_edge_values_are_kept():
+    cfg = build_config(["--rollout.temperature", "0", "--val.temperature", "0.01", "--lr", "1",
+                        "--weight_decay", "0", "--grad_clip", "0", "--optim.betas", "0,0.5"])
+    assert (cfg.rollout.temperature, cfg.val.temperature, cfg.optim.lr) == (0.0, 0.01, 1.0)
+    assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.betas) == (0.0, 0.0, (0, 0.5))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", str(2**64)], ["seed=18446744073709551616", "[0, 536870911]"]),
+    (["--seed", "-1"], ["seed=-1", "[0, 536870911]"]),
+    (["--rollout.group_size", "1"], ["rollout.group_size=1", ">= 2", "relative to the group"]),
+    (["--algo", "grpo", "--group_size", "1"], ["rollout.group_size=1", "grpo's advantages"]),
+])
+def test_flags_that_would_fail_or_do_nothing_later_are_refused(argv, words):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_largest_seed_is_usable_by_the_trainer():
+    from cepo.train import seed_step, step_generator
+
+    cfg = build_config(["--seed", str(C.MAX_SEED), "--steps", "100000"])
+    seed_step(cfg.seed, cfg.steps, rank=1023, salt=1)  # torch takes seeds below 2**64 only
+    step_generator(cfg.seed, cfg.steps)
+    with pytest.raises(ConfigError, match="seed"):
+        build_config(["--seed", str(C.MAX_SEED + 1)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+@pytest.mark.parametrize("argv", [["--kernel_backend", "triton"], ["--device", "cuda"]])
+def test_cuda_only_settings_are_refused_at_start_up_on_a_cpu_machine(argv, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="not allowed.*(CUDA|cuda)"):
+        build_config(argv)
+    from cepo.train import main
+
+    with pytest.raises(SystemExit, match="config error: (kernel_backend='triton'|device='cuda')"):
+        main(argv)  # before any set-up: no model is built, no run directory is made
+
+
+def test_triton_backend_on_a_cpu_machine_is_kept_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert build_config(["--kernel_backend", "triton"]).kernel_backend == "triton"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps"], "--steps needs a value"),
+    (["--steps", "--resume"], "--steps needs a value"),
+    (["--config"], "--config needs a value"),
+    (["--resume", "--lr"], "--lr needs a value"),
+    (["--stpes"], "unknown option 'stpes'; did you mean"),
+])
+def test_a_bare_option_that_is_not_a_flag_needs_a_value(argv, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(argv)
+    assert message in str(err.value)
+    assert build_config(["--resume", "--steps", "3"]).resume is True  # bare flags still work
+
+
+def _main_error(argv) -> str:
+    from cepo.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return str(exit_.value.code)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("steps: 3\n  rollout: [1\n", ["bad.yaml, line 2", "not valid YAML", "mapping values"]),
+    ("steps: [1, 2\n", ["bad.yaml, line 2", "not valid YAML"]),
+    ("steps: !!python/object/apply:os.system ['true']\n", ["bad.yaml, line 1",
+                                                          "python/object/apply:os.system"]),
+])
+def test_yaml_errors_are_one_config_error_line(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    message = _main_error(["--config", str(path)])
+    assert message.startswith("config error: ") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_missing_config_file_and_bad_output_dir_are_config_errors(tmp_path):
+    message = _main_error(["--config", str(tmp_path / "nope.yaml")])
+    assert message == f"config error: config file '{tmp_path / 'nope.yaml'}' does not exist"
+    for bad, why in (("runs/{algoo}", "KeyError: 'algoo'"), ("runs/{", "Single '{'"),
+                     ("runs/{}", "IndexError")):
+        message = _main_error(["--output_dir", bad])
+        assert message.startswith(f"config error: output_dir={bad!r} is not allowed: only "
+                                  "{preset} and {algo}") and why in message, message
+    assert build_config(["--output_dir", "runs/{{x}}-{algo}"]).output_dir == "runs/{x}-cepo"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cepo import data
+from cepo import sources
 from cepo.data import (
     FORMAT_SUFFIX,
     Example,
@@ -276,7 +276,116 @@ def test_decode_image_forms(tmp_path):
     png = _png("green")
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     for item in (png, {"bytes": png}, uri, Image.open(io.BytesIO(png))):
-        image = data._decode_image(item, tmp_path)
+        image = sources.decode_image(item, tmp_path)
         assert image is not None and image.getpixel((0, 0)) == (0, 128, 0)
-    assert data._decode_image(b"garbage", None) is None
-    assert data._decode_image(42, None) is None
+    assert sources.decode_image(b"garbage", None) is None
+    assert sources.decode_image(42, None) is None
+
+
+# --------------------------------------------------------------------------- bad rows
+
+
+def _uri(size=(20, 10)) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png("red", size)).decode()
+
+
+def _load_jsonl(tmp_path, rows, caplog, **kwargs):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with caplog.at_level(logging.WARNING, logger="cepo.data"):
+        return load_geo3k(str(path), **kwargs)
+
+
+def test_answers_that_are_not_text_or_a_finite_number_are_skipped_and_counted(tmp_path, caplog):
+    answers = [float("nan"), float("inf"), [1, 2], {"x": 1}, True, None, 3, 2.5, " 7 ", "x"]
+    rows = [{"problem": f"Q{i}", "answer": a} for i, a in enumerate(answers)]
+    examples = _load_jsonl(tmp_path, rows, caplog)
+    assert [(e.problem, e.answer) for e in examples] == [
+        ("Q6", "3"), ("Q7", "2.5"), ("Q8", "7"), ("Q9", "x")]
+    assert ("skipped 6 (answer not a finite number: 2, answer not text (bool): 1, answer not "
+            "text (dict): 1, answer not text (list): 1, missing answer: 1)") in caplog.text
+
+
+def _bad_rows() -> list[tuple[dict, str]]:
+    """Rows that load as data but would crash the step that samples them, with the reason."""
+    return [
+        ({"images": [_uri((1, 201))], "problem": "<image>Q", "answer": "1"},
+         "image aspect ratio over 200"),
+        ({"images": [_uri((401, 2))], "problem": "<image>Q", "answer": "1"},
+         "image aspect ratio over 200"),
+        ({"images": [_uri()], "problem": "<image>Q \ud800", "answer": "1"},
+         "text not valid Unicode (lone surrogate)"),
+        ({"images": [_uri()], "problem": "<image>Q", "answer": "\udc80"},
+         "text not valid Unicode (lone surrogate)"),
+    ]
+
+
+def _good_rows() -> list[dict]:
+    return [{"images": [_uri(size)], "problem": "<image>Q", "answer": "1"}
+            for size in ((1, 200), (400, 2), (1, 1), (20, 10))]
+
+
+def test_rows_the_processor_would_refuse_are_skipped_at_load(tmp_path, caplog):
+    bad = _bad_rows()
+    examples = _load_jsonl(tmp_path, [row for row, _ in bad] + _good_rows(), caplog)
+    assert [e.images[0].size for e in examples] == [(1, 200), (400, 2), (1, 1), (20, 10)]
+    assert ("skipped 4 (image aspect ratio over 200: 2, text not valid Unicode (lone "
+            "surrogate): 2)") in caplog.text
+
+
+def test_skipped_rows_are_exactly_those_the_real_processor_refuses(processor, tmp_path):
+    """The load-time checks mirror the processor: it raises on every skipped row (the image
+    processor, the tokenizer on the problem, or on the answer as the teachers' hint) and accepts
+    every kept one."""
+
+    def encodes(row: dict) -> bool:
+        images = tuple(sources.decode_image(item, tmp_path) for item in row["images"])
+        example = Example(row["problem"], row["answer"], images)
+        try:
+            encode_prompt(processor, example)
+            processor.tokenizer(example.answer)
+            return True
+        except (ValueError, TypeError):
+            return False
+
+    assert [encodes(row) for row, _ in _bad_rows()] == [False] * 4
+    assert [encodes(row) for row in _good_rows()] == [True] * 4
+
+
+def test_with_a_processor_every_prompt_is_encoded_at_load(processor, tmp_path, caplog):
+    rows = [{"images": [_uri()], "problem": "<image>Q <|image_pad|>", "answer": "1"},
+            {"images": [_uri()], "problem": "<image>Fine.", "answer": "2"}]
+    assert len(_load_jsonl(tmp_path, rows, caplog)) == 2  # the cheap checks pass both
+    caplog.clear()
+    examples = _load_jsonl(tmp_path, rows, caplog, processor=processor)
+    assert [e.answer for e in examples] == ["2"]
+    assert "skipped 1 (prompt refused by the processor (ValueError): 1)" in caplog.text
+    assert load_split(str(tmp_path / "rows.jsonl"), processor=processor, limit=1)[0].answer == "2"
+
+
+def test_decompression_bombs_and_undecodable_bytes_skip_the_row(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL: warns above 1x, raises above 2x
+    rows = [{"images": [_uri((100, 100))], "problem": "<image>A", "answer": "1"},  # 10,000 px
+            {"images": [_uri((40, 40))], "problem": "<image>B", "answer": "2"},  # 1,600 px
+            {"images": [{"bytes": "not bytes"}], "problem": "<image>C", "answer": "3"},
+            {"images": [{"bytes": [1, 2]}], "problem": "<image>D", "answer": "4"},
+            {"images": [_uri((30, 30))], "problem": "<image>E", "answer": "5"}]
+    examples = _load_jsonl(tmp_path, rows, caplog)
+    assert [e.answer for e in examples] == ["5"]
+    assert "skipped 4 (bad image: 2, image too large (decompression bomb): 2)" in caplog.text
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("rows.jsonl", '{"problem": "Q", "answer": "1"}\n\n{"problem": oops}\n', "rows.jsonl, line 3"),
+    ("rows.jsonl", '{"problem": "Q", "answer": "1"}\n[1, 2]\n', "rows.jsonl, line 2: a row must"),
+    ("rows.json", '[\n {"problem": "Q", "answer": "1"},\n {oops}\n]', "rows.json, line 3"),
+    ("rows.json", '[{"problem": "Q", "answer": "1"}, 5]', "rows.json, item 1: a row must"),
+])
+def test_a_file_that_is_not_rows_names_the_file_and_line(tmp_path, name, text, where):
+    from cepo.errors import DataError
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="not JSON|a row must") as err:
+        load_geo3k(str(path))
+    assert str(err.value).startswith(str(tmp_path / where)), str(err.value)

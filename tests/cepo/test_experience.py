@@ -139,3 +139,11 @@ def test_bad_inputs_are_explained(model, processor, examples, grader):
         make_experience(model, processor, examples[:2], lam=LAM, config=tight, grader=grader)
     with pytest.raises(ValueError, match="algo"):
         ExperienceConfig(algo="ppo")
+
+
+def test_grading_budget_of_a_step_is_counted(model, processor, examples, grader, scripted_engine):
+    exp = make_experience(model, processor, examples[:3], lam=0.0, engine=scripted_engine(),
+                          grader=grader, config=_config(grader_batch_budget_s=1e-9))
+    # per group: the correct answer is an exact match; 999 and 998 need math-verify: skipped
+    assert exp.metrics["reward/grader_skipped"] == 6.0
+    torch.testing.assert_close(exp.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))

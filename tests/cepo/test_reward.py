@@ -99,3 +99,72 @@ def test_rewards_formula(grader):
     assert r.answers == ["0.5", "7", None, "\\frac{1}{2}"]
     with pytest.raises(ValueError, match="one per response"):
         compute_rewards(responses, ["1"], grader)
+
+
+def _extract_reference(text: str) -> str | None:
+    """The straightforward definition (quadratic): from the last box back, the first whose braces
+    close."""
+    import re
+
+    for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
+        depth = 1
+        for i in range(match.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[match.end():i].strip()
+    return None
+
+
+def test_extract_boxed_agrees_with_the_definition_on_random_text():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["\\boxed{", "\\boxed {", "{", "}", "}", "a", "1 ", "\\frac"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert extract_boxed(text) == _extract_reference(text), text
+
+
+def test_extract_boxed_on_adversarial_text_is_linear():
+    """10,000 unclosed boxes and 1 MB answers: the old scan from every box to the end of the text
+    took 18 s on the first and hours on the 1 MB of unclosed boxes; now one pass each."""
+    opened = "\\boxed{" * 10_000
+    assert extract_boxed(opened) is None
+    megabyte = "\\boxed{" * 150_000  # 1.05 MB, every box open
+    assert extract_boxed(megabyte) is None and extract_boxed(megabyte + "\\boxed{5}") == "5"
+    assert extract_boxed("\\boxed{7} " + opened) == "7"
+    assert extract_boxed(opened + "\\boxed{42}") == "42"
+    assert extract_boxed("\\boxed{1}" + "{" * 1_000_000) == "1"
+    assert extract_boxed("\\boxed{" + "x" * 1_000_000 + "}") == "x" * 1_000_000
+    assert extract_boxed(("\\boxed{" + "}" * 3) * 100_000) == ""
+
+
+def test_a_batch_stops_grading_when_its_budget_is_spent():
+    """A hung child costs one time limit; the rest of the batch is then scored 0 ungraded."""
+    grader = Grader(timeout_s=1.0, batch_budget_s=1.5)
+    try:
+        assert grader.grade("\\frac{2}{4}", "0.5")  # starts the child
+        os.kill(grader._proc.pid, signal.SIGSTOP)
+        pairs = [(f"\\frac{{{k}}}{{{2 * k}}}", "0.5") for k in range(3, 8)]
+        assert grader.grade_many(pairs) == [False] * 5
+        assert (grader.timeouts, grader.skipped) == (1, 4)
+        assert grader.grade_many(pairs[:2]) == [True, True]  # a new batch, a new budget
+        assert grader.skipped == 4
+    finally:
+        grader.close()
+
+
+def test_compute_rewards_with_a_spent_budget_still_scores_exact_matches(grader):
+    texts = ["\\boxed{3}", "\\boxed{6/2}", "\\boxed{ 3 }", "no box", "\\boxed{x+1}"]
+    before = grader.skipped
+    rewards = compute_rewards(texts, ["3"] * 5, grader, budget_s=1e-9)
+    assert rewards.accuracy.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert grader.skipped - before == 2  # only the pairs math-verify would have decided
+    assert compute_rewards(texts, ["3"] * 5, grader).accuracy.tolist() == [1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("kw", [{"timeout_s": float("inf")}, {"timeout_s": float("nan")},
+                                {"batch_budget_s": 0}, {"batch_budget_s": float("inf")}])
+def test_grader_limits_must_be_finite_and_positive(kw):
+    with pytest.raises(ValueError, match="finite number > 0"):
+        Grader(**kw)
