@@ -217,3 +217,31 @@ def test_linked_record_files_are_refused(tmp_path, name, resume_step):
         else:
             SampleWriter(run, 2, resume_step=resume_step)
     assert target.read_text() == "keep me\n"
+
+
+def test_nonfinite_weights_are_never_staged(tmp_path):
+    from types import SimpleNamespace
+
+    from cepo import resume
+    from cepo.update import NonFiniteError
+
+    net = torch.nn.Linear(3, 2)
+    run = SimpleNamespace(model=net, world=1, accelerator=None)
+    resume.check_finite_weights(run, 1)  # finite: fine
+    with torch.no_grad():
+        net.bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match="refusing to save step 7: .*bias"):
+        resume.check_finite_weights(run, 7)
+
+
+def test_the_trainer_refuses_a_latest_pointer_out_of_the_run(tmp_path):
+    """End to end: a clear 'error:' line before any work, not a resume from another run."""
+    import cepo.train as train_module
+
+    other = tmp_path / "other"
+    _save(other, 6)
+    run = tmp_path / "a" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("../../../other/checkpoints/step-000006")
+    with pytest.raises(SystemExit, match="error: .*latest: holds .*refusing"):
+        train_module.main(["--output_dir", str(run), "--resume", "--device", "cpu"])
