@@ -67,8 +67,7 @@ def commit(run, step: int, metrics: dict[str, float]) -> None:
     if run.is_main:
         state = {"world_size": run.world, "sharding": run.cfg.sharding,
                  "lambda": metrics.get("cepo/lambda"), "lr": metrics.get("lr"),
-                 "reward": metrics.get("reward/mean"), "schedule_steps": run.schedule_steps,
-                 "nonfinite_in_a_row": run.guard.in_a_row}
+                 "reward": metrics.get("reward/mean"), "schedule_steps": run.schedule_steps}
         ckpt.commit(run.run_dir, step, state, run.cfg.checkpoint.keep_last)
     run.accelerator.wait_for_everyone()
 

@@ -231,7 +231,7 @@ def train(run: Run) -> None:
             save = False
             if run.is_main:
                 logger.warning("step %d: not saved, its last optimizer step was skipped as "
-                               "non-finite; saving at the next finite step", step)
+                               "non-finite; saving after the next finite one", step)
         if save:
             metrics["time/checkpoint"] = resume.stage(run, step)
         fault_point("before_records", step)
@@ -326,7 +326,7 @@ def setup(cfg: TrainConfig) -> Run:
         val_set = load_split(cfg.data.val or cfg.data.train, cfg.data.val_split,
                              limit=cfg.data.val_limit, seed=cfg.seed)
 
-    state = {"step": 0, "schedule_steps": cfg.steps, "nonfinite_in_a_row": 0}
+    state = {"step": 0, "schedule_steps": cfg.steps}
     if cfg.resume and found is None and accelerator.is_main_process:
         logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
     if found is not None:
@@ -347,7 +347,7 @@ def setup(cfg: TrainConfig) -> Run:
                                   grader_timeout_s=cfg.grader_timeout_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
                                   teacher=cfg.teacher)
-    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps, state["nonfinite_in_a_row"])
+    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
                HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
                samples, run_dir, start_step, state["schedule_steps"], guard)

@@ -43,8 +43,9 @@ class NonFiniteError(RuntimeError):
 
 class NonFiniteGuard:
     """Skips an optimizer step whose loss or global grad norm is NaN/inf (its gradients are
-    dropped) and raises `NonFiniteError` after `limit` such steps in a row. `in_a_row` is part
-    of the training state (saved in checkpoints), so a resumed run counts on exactly."""
+    dropped) and raises `NonFiniteError` after `limit` such steps in a row. The trainer saves a
+    checkpoint only while `in_a_row` is 0, so a resumed run starts counting where the
+    uninterrupted one stood."""
 
     def __init__(self, limit: int, in_a_row: int = 0):
         self.limit = limit
