@@ -125,6 +125,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # paper cosine; reference scripts constant
     warmup_steps: int = 5  # linear lr warm-up over the first training steps (paper: 5)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    max_nonfinite_steps: int = 3  # stop after this many skipped NaN/inf optimizer steps in a row
 
     def __post_init__(self):
         _require(self.lr is None or 0 < self.lr <= 1, "optim.lr", self.lr,
@@ -138,6 +139,8 @@ class OptimConfig:
                  "an integer >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio,
                  "a number in [0, 1]")
+        _require(self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+                 self.max_nonfinite_steps, "an integer >= 1")
 
 
 @dataclass(frozen=True)

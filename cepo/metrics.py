@@ -7,6 +7,11 @@ TensorBoard and W&B (the ``logging`` extra) are used when asked for and installe
 missing, they are skipped with a warning (the JSON-lines file always exists). TensorBoard writes
 to ``<run_dir>/tensorboard`` and W&B to ``<run_dir>/wandb``; a resumed run continues both (the
 W&B run id is kept in ``<run_dir>/wandb_id.txt``).
+
+The trainer writes a step's records before it commits the step's checkpoint, so after a crash
+at any moment the resumed run's truncation leaves exactly the records of committed steps. A
+record torn by a crash or a full disk mid-write (the last line) is dropped on resume with a
+warning. No file is followed through a symbolic link (`cepo.rundir`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import sys
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from cepo.checkpoint import unwrap_optimizer
+from cepo.rundir import inside
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +61,8 @@ class MetricsWriter:
         self._tb = self._wandb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.path = inside(run_dir, METRICS_FILE)
         self.history = truncate(self.path, resume_step) if resume_step else []
         if not resume_step:
             self.path.write_text("")
@@ -68,7 +76,7 @@ class MetricsWriter:
             else:
                 # On resume, purge_step hides the crashed run's events after the checkpoint step
                 # (TensorBoard drops events with step >= purge_step from the older event files).
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
+                self._tb = SummaryWriter(str(inside(run_dir, "tensorboard")),
                                          purge_step=resume_step + 1 if resume_step else None)
         if wandb:
             try:
@@ -77,7 +85,8 @@ class MetricsWriter:
                 logger.warning("log.wandb=true but wandb is not installed; skipped")
             else:
                 self._wandb = wandb_lib.init(
-                    project=wandb_project, name=name, config=config, dir=str(run_dir),
+                    project=wandb_project, name=name, config=config,
+                    dir=str(inside(run_dir, "wandb").parent),
                     id=wandb_run_id(run_dir, name, resume=bool(resume_step)), resume="allow",
                 )
 
@@ -88,8 +97,7 @@ class MetricsWriter:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         numbers = {k: v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float))}  # NaN/inf are None by now
         if self._tb is not None:
@@ -115,7 +123,7 @@ def wandb_run_id(run_dir: Path, name: str, *, resume: bool) -> str:
     gets a new id (the run name plus a random suffix) even in an existing directory: re-using the
     old id would append a second step 1, 2, ... to the old W&B run, which W&B drops.
     """
-    path = run_dir / WANDB_ID_FILE
+    path = inside(run_dir, WANDB_ID_FILE)
     if resume and path.is_file() and (run_id := path.read_text().strip()):
         return run_id
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:40] or "run"
@@ -132,18 +140,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one JSON line and sync it: a record is on disk before its step is committed."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A torn last line (a crash or a full disk mid-write) is
+    left out with a warning; a bad line before it is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}:{number}: not a JSON record: {err}") from None
+            logger.warning("%s:%d: torn last record (a crash or a full disk mid-write), "
+                           "dropped: %r", path, number, line[:80])
+    return records
 
 
 def truncate(path: Path, last_step: int) -> list[dict[str, Any]]:
-    """Keep the records of steps <= `last_step` (a resumed run re-does the later ones)."""
+    """Keep the records of steps <= `last_step` (a resumed run re-does the later ones), and
+    drop a torn last line."""
     kept = [r for r in read(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = inside(path.parent, path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept),
+                   encoding="utf-8")
     tmp.replace(path)
     return kept
 

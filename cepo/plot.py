@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 CURVES_FILE = "curves.png"
 
@@ -51,9 +54,9 @@ def series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     by_step: dict[int, float] = {}
     for record in history:
         value = record.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "step" in record:
-            if math.isfinite(value):
-                by_step[int(record["step"])] = float(value)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and "step" in record:
+            by_step[int(record["step"])] = float(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
@@ -98,6 +101,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"{metrics}: no metrics file (is {run_dir} a run directory of "
                                 "python -m cepo.train?)")
     return plot_history(read_history(metrics), out or run_dir / CURVES_FILE, title=run_dir.name)
+
+
+def draw_curves(run_dir: str | Path) -> Path | None:
+    """`plot_run` for the trainer's end of run: None (with a warning) when matplotlib is not
+    installed or the metrics cannot be drawn; a picture is never worth a failed run."""
+    try:
+        return plot_run(run_dir)
+    except ImportError:
+        logger.warning("curves.png not drawn: matplotlib is not installed")
+    except (OSError, ValueError) as err:
+        logger.warning("curves.png not drawn: %s", err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -10,10 +10,12 @@ Tokens with w_t far from 1 are the decisive steps; filler stays at 1.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from cepo.metrics import truncate
+from cepo.rundir import inside
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -73,7 +75,8 @@ class SampleWriter:
         self.path = Path(run_dir) / SAMPLES_FILE
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.path = inside(run_dir, SAMPLES_FILE)
         if resume_step:
             truncate(self.path, resume_step)
         else:
@@ -82,6 +85,8 @@ class SampleWriter:
     def write(self, exp, tokenizer, step: int) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            for record in sample_records(exp, tokenizer, step, self.count):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        records = sample_records(exp, tokenizer, step, self.count)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())

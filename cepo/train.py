@@ -29,21 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from cepo import checkpoint as ckpt
-from cepo import sharding
+from cepo import resume, sharding
 from cepo.config import (
     ConfigError,
     TrainConfig,
     build_config,
-    flatten,
     help_text,
     parse_args,
     save_yaml,
     to_dict,
 )
 from cepo.data import Example, iter_batches, load_split
+from cepo.errors import UserError
 from cepo.eval import evaluate
 from cepo.experience import ExperienceConfig, default_grader, make_experience
 from cepo.lora import count_parameters, parameter_groups, prepare_trainable
@@ -57,11 +56,13 @@ from cepo.metrics import (
     summarize,
     weight_stats,
 )
-from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
+from cepo.models import load_model, load_processor, resolve_checkpoint
+from cepo.plot import draw_curves
 from cepo.rollout import HFRolloutEngine
+from cepo.rundir import UnsafePathError, fault_point, inside
 from cepo.samples import SampleWriter
 from cepo.schedule import lam_at, lr_at
-from cepo.update import PolicyLoss, check_replicas, ppo_update
+from cepo.update import NonFiniteError, NonFiniteGuard, PolicyLoss, ppo_update
 
 logger = logging.getLogger("cepo.train")
 
@@ -88,6 +89,8 @@ class Run:
     samples: SampleWriter  # a few rollouts per step with their per-token credit
     run_dir: Path
     start_step: int
+    schedule_steps: int  # the lr schedule's length: the --steps the run started with
+    guard: NonFiniteGuard  # skips NaN/inf optimizer steps, stops the run after too many
 
     @property
     def rank(self) -> int:
@@ -110,7 +113,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, clock = run.cfg, time.perf_counter()
     seed_step(cfg.seed, step, run.rank)
     lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps)
-    lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, schedule=cfg.optim.schedule,
+    lr = lr_at(step, lr=cfg.lr, total_steps=run.schedule_steps, schedule=cfg.optim.schedule,
                warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -132,7 +135,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
     # 5. PPO on mini-batches: fused log-probs + dual-clip loss, accumulation, clipping, AdamW
     update = ppo_update(run.policy, run.optimizer, exp, cfg.ppo, grad_clip=cfg.optim.grad_clip,
-                        accelerator=run.accelerator, generator=step_generator(cfg.seed, step))
+                        accelerator=run.accelerator, generator=step_generator(cfg.seed, step),
+                        guard=run.guard)
 
     peaks["update"] = peak_memory_gib(device)
     run.samples.write(exp, run.processor.tokenizer, step)
@@ -188,11 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
     # peft calls a transformers property renamed in 5.x; harmless, and printed once per process
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     started = time.perf_counter()
-    run = setup(cfg)
     try:
-        train(run)
-    finally:
-        run.writer.close()
+        run = setup(cfg)
+        if run.start_step >= cfg.steps:
+            run.writer.close()
+            if run.is_main:
+                print(f"nothing to do: the run has {run.start_step} steps "
+                      f"({ckpt.latest_checkpoint(run.run_dir)}); pass --steps N with N > "
+                      f"{run.start_step} to train further")
+            return summarize(run.writer.history)
+        try:
+            train(run)
+        finally:
+            run.writer.close()
+    except UserError as err:  # a model, data set or data file that cannot be used: one line
+        raise SystemExit(f"{err.label}: {err}") from None
+    except (ckpt.CheckpointError, UnsafePathError, NonFiniteError) as err:
+        raise SystemExit(f"error: {err}") from None
     summary = {}
     if run.is_main:
         summary = finish(run, time.perf_counter() - started)
@@ -201,20 +217,49 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(run: Run) -> None:
+    """Steps start_step+1 .. cfg.steps. A step is committed after its records are written
+    (cepo.resume), so a crash at any moment resumes to the same records and weights."""
     cfg = run.cfg
     if run.start_step == 0 and cfg.val.before_train and cfg.val.every and run.val_set:
         run.writer.log(0, validate(run, 0))
     bar = progress_bar(cfg.steps, run.start_step, enabled=cfg.log.progress and run.is_main)
+    deferred = False  # a save postponed because the weights had just given a NaN/inf loss
     for step in range(run.start_step + 1, cfg.steps + 1):
-        metrics = train_step(run, step)
+        metrics = guarded_step(run, step)
         if due(step, cfg.val.every, cfg.steps) and run.val_set:
             metrics.update(validate(run, step))
-        if due(step, cfg.checkpoint.every, cfg.steps, always_last=True):
-            metrics["time/checkpoint"] = save_checkpoint(run, step, metrics)
+        save = deferred or due(step, cfg.checkpoint.every, cfg.steps, always_last=True)
+        deferred = save and run.guard.in_a_row > 0
+        if deferred:
+            save = False
+            if run.is_main:
+                logger.warning("step %d: not saved, its last optimizer step was skipped as "
+                               "non-finite; saving after the next finite one", step)
+        if save:
+            metrics["time/checkpoint"] = resume.stage(run, step)
+        fault_point("before_records", step)
         run.writer.log(step, metrics)
+        fault_point("after_records", step)
+        if save:
+            resume.commit(run, step, metrics)
+        fault_point("after_commit", step)
         bar.update()
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", lam=f"{metrics['cepo/lambda']:.2f}")
     bar.close()
+
+
+def guarded_step(run: Run, step: int) -> dict[str, float]:
+    """`train_step`, with a clear message when it fails right after non-finite updates (a
+    diverged model makes sampling fail on NaN probabilities)."""
+    try:
+        return train_step(run, step)
+    except RuntimeError as err:
+        if not run.guard.in_a_row or isinstance(err, NonFiniteError):
+            raise
+        raise NonFiniteError(
+            f"step {step} failed right after {run.guard.in_a_row} optimizer step(s) with a "
+            f"non-finite loss or gradient norm: the update diverged ({err}). Nothing was saved "
+            "since; lower --optim.lr and --resume from the last checkpoint") from err
 
 
 def due(step: int, every: int, last: int, *, always_last: bool = False) -> bool:
@@ -237,40 +282,6 @@ def validate(run: Run, step: int) -> dict[str, float]:
         )
 
 
-def save_checkpoint(run: Run, step: int, metrics: dict[str, float]) -> float:
-    """Write step `step` atomically (see cepo.checkpoint); returns the seconds it took."""
-    clock, cfg, acc = time.perf_counter(), run.cfg, run.accelerator
-    check_replicas(run.model, acc)
-    if run.is_main:
-        ckpt.begin(run.run_dir, step)
-    acc.wait_for_everyone()
-    tmp = ckpt.staging_dir(run.run_dir, step)
-    ckpt.save_rng(tmp, run.rank)
-    weights, optimizer_state = None, None  # sharded: full state dicts, gathered by every process
-    if cfg.sharding == "fsdp":
-        weights = sharding.gather_weights(run.model, trainable_only=cfg.lora.enabled)
-        if cfg.checkpoint.save_optimizer:
-            optimizer_state = sharding.gather_optimizer(run.policy, run.optimizer)
-    elif cfg.checkpoint.save_optimizer and run.is_main:
-        optimizer_state = ckpt.named_optimizer_state(
-            run.optimizer.state_dict(), ckpt.optimizer_param_names(run.policy, run.optimizer))
-    if run.is_main:
-        ckpt.save_model(run.model, tmp, state_dict=weights)
-        if not cfg.lora.enabled:  # a full model: make the directory loadable on its own
-            save_processor_files(run.processor, run.model_path, tmp)
-        save_yaml(cfg, tmp / "config.yaml")
-        if cfg.checkpoint.save_optimizer:
-            ckpt.save_optimizer(optimizer_state, tmp)
-    acc.wait_for_everyone()
-    if run.is_main:
-        state = {"world_size": run.world, "sharding": cfg.sharding,
-                 "lambda": metrics.get("cepo/lambda"), "lr": metrics.get("lr"),
-                 "reward": metrics.get("reward/mean")}
-        ckpt.commit(run.run_dir, step, state, cfg.checkpoint.keep_last)
-    acc.wait_for_everyone()
-    return time.perf_counter() - clock
-
-
 # --------------------------------------------------------------------------- set-up
 
 
@@ -290,12 +301,21 @@ def setup(cfg: TrainConfig) -> Run:
                          "--resume to continue it, or a new --output_dir to start another")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
     torch.manual_seed(cfg.seed)  # same LoRA init on every process
     with accelerator.main_process_first():  # the first process builds "tiny-warm", others reuse
         model_path = resolve_checkpoint(cfg.model.name)
         processor = load_processor(model_path)
+    # the data before the model: a bad file or row is reported before minutes of loading
+    train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
+                           seed=cfg.seed, processor=processor)
+    if len(train_set) < cfg.prompts_per_step:
+        raise SystemExit(f"config error: {len(train_set)} training examples, fewer than "
+                         f"prompts_per_step={cfg.prompts_per_step}")
+    val_set = []
+    if cfg.val.every or cfg.val.before_train:
+        val_set = load_split(cfg.data.val or cfg.data.train, cfg.data.val_split,
+                             limit=cfg.data.val_limit, seed=cfg.seed, processor=processor)
     dtype = DTYPES.get(cfg.model.dtype)  # None ("auto"): bf16 on GPU, fp32 on CPU
     model = load_model(model_path, device=accelerator.device, dtype=dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -303,28 +323,20 @@ def setup(cfg: TrainConfig) -> Run:
     model = prepare_trainable(model, cfg.lora, cfg.model)
     model.train()
     trainable, total = count_parameters(model)
-    found = finished if cfg.resume else None
+    found = resume.find_resume_point(cfg, run_dir, accelerator)  # the newest intact one
     if found is not None:  # weights before wrapping: FSDP shards what is loaded
-        load_checkpoint_weights(cfg, found, model, accelerator)
+        resume.load_checkpoint_weights(cfg, found, model, accelerator)
     policy, optimizer = wrap_for_training(cfg, model, accelerator)
 
-    train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
-                           seed=cfg.seed)
-    if len(train_set) < cfg.prompts_per_step:
-        raise SystemExit(f"config error: {len(train_set)} training examples, fewer than "
-                         f"prompts_per_step={cfg.prompts_per_step}")
-    val_set = []
-    if cfg.val.every or cfg.val.before_train:
-        val_set = load_split(cfg.data.val or cfg.data.train, cfg.data.val_split,
-                             limit=cfg.data.val_limit, seed=cfg.seed)
-
-    start_step = 0
+    state = {"step": 0, "schedule_steps": cfg.steps}
     if cfg.resume and found is None and accelerator.is_main_process:
         logger.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
     if found is not None:
-        start_step = resume_state(cfg, found, policy, optimizer, accelerator)
+        state.update(resume.resume_state(cfg, found, policy, optimizer, accelerator))
+    start_step = state["step"]
     if accelerator.is_main_process:
-        save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, inside(run_dir, "config.yaml"))
+        logger.info("config: %s (every setting of this run)", run_dir / "config.yaml")
         logger.info("%s on %s x%d: %s, %s trainable of %s parameters; %d train / %d val examples",
                     cfg.algo, accelerator.device, world, model_path, f"{trainable:,}",
                     f"{total:,}", len(train_set), len(val_set))
@@ -336,11 +348,13 @@ def setup(cfg: TrainConfig) -> Run:
                            enabled=accelerator.is_main_process, resume_step=start_step)
     experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
                                   grader_timeout_s=cfg.grader_timeout_s,
+                                  grader_batch_budget_s=cfg.grader_batch_budget_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
                                   teacher=cfg.teacher)
+    guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
                HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
-               samples, run_dir, start_step)
+               samples, run_dir, start_step, state["schedule_steps"], guard)
 
 
 def wrap_for_training(cfg: TrainConfig, model, accelerator):
@@ -379,48 +393,18 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def load_checkpoint_weights(cfg: TrainConfig, found: Path, model, accelerator) -> None:
-    """Resume, part 1 (before any wrapping): warn about changed settings, load the weights."""
-    saved = flatten(yaml.safe_load((found / "config.yaml").read_text()))
-    volatile = ("steps", "resume", "log.", "checkpoint.", "val.", "num_threads", "sharding")
-    changed = {k: (v, saved.get(k)) for k, v in flatten(to_dict(cfg)).items()
-               if saved.get(k) != v and not k.startswith(volatile)}
-    if changed and accelerator.is_main_process:
-        logger.warning("resuming with settings that differ from the checkpoint's (now, then): %s",
-                       changed)
-    ckpt.load_weights(model, found)
-
-
-def resume_state(cfg: TrainConfig, found: Path, policy, optimizer, accelerator) -> int:
-    """Resume, part 2 (after wrapping): AdamW state and RNG; returns the checkpoint's step.
-
-    The AdamW state is saved whole and keyed by parameter name in both layouts, so a DDP
-    checkpoint resumes under FSDP and back.
-    """
-    if cfg.checkpoint.save_optimizer:
-        if cfg.sharding == "fsdp":  # the main process reads the file, FSDP scatters the shards
-            state = ckpt.load_optimizer(found) if accelerator.is_main_process else {}
-            sharding.scatter_optimizer(policy, optimizer, state)
-        else:
-            names = ckpt.optimizer_param_names(policy, optimizer)
-            optimizer.load_state_dict(ckpt.indexed_optimizer_state(ckpt.load_optimizer(found),
-                                                                   names))
-    ckpt.load_rng(found, accelerator.process_index)
-    step = ckpt.read_state(found)["step"]
-    if accelerator.is_main_process:
-        logger.info("resumed from %s (step %d)", found, step)
-    return step
-
-
 def finish(run: Run, seconds: float) -> dict:
-    """Print and save the run's summary: reward at start vs end, where things are."""
+    """Print and save the run's summary (reward at start vs end), draw curves.png, and say where
+    every output of the run is."""
     summary = summarize(run.writer.history)
     latest = ckpt.latest_checkpoint(run.run_dir)
+    curves = draw_curves(run.run_dir)
     summary.update({"wall_time_s": round(seconds, 1), "checkpoint": str(latest),
-                    "metrics": str(run.writer.path), "algo": run.cfg.algo})
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"\n{run.cfg.algo} run done: {summary['steps']} steps; this session took "
-             f"{seconds / 60:.1f} min (set-up included)"]
+                    "metrics": str(run.writer.path), "curves": curves and str(curves),
+                    "algo": run.cfg.algo})
+    inside(run.run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["", (f"{run.cfg.algo} run done: {summary['steps']} steps; this session took "
+                  f"{seconds / 60:.1f} min (set-up included)")]
     for key, label in (("reward/mean", "train reward"), ("reward/accuracy", "train accuracy"),
                        ("reward/format", "train format"), ("val/accuracy", "val accuracy"),
                        ("val/format", "val format")):
@@ -428,7 +412,12 @@ def finish(run: Run, seconds: float) -> dict:
             lines.append(f"  {label:15s} {summary[f'{key} start']:.3f} -> "
                          f"{summary[f'{key} end']:.3f}")
     lines += [f"  checkpoint      {latest}", f"  metrics         {run.writer.path}",
-              f"  evaluate        python -m cepo.eval --checkpoint {run.run_dir}"]
+              f"  samples         {run.samples.path}",
+              f"  curves          {curves or 'not drawn: pip install matplotlib'}",
+              f"  config          {run.run_dir / 'config.yaml'}"]
+    if run.cfg.log.tensorboard:
+        lines.append(f"  tensorboard     tensorboard --logdir {run.run_dir / 'tensorboard'}")
+    lines.append(f"  evaluate        python -m cepo.eval --checkpoint {run.run_dir}")
     if run.cfg.lora.enabled:
         lines.append(f"  merge LoRA      python -m cepo.lora --checkpoint {run.run_dir} "
                      f"--output {run.run_dir / 'merged'}")

@@ -5,7 +5,7 @@
             hidden = the model's response hidden states              [b, t, D], with grad
             loss   = CEPOLoss(hidden, lm_head weight, Â, old log-probs)   (SPEC §3, no logits)
             backward
-        clip the global grad norm, AdamW step
+        clip the global grad norm, AdamW step (skipped if the loss or norm is NaN/inf)
 
 Token mean, exactly: SPEC §3's loss is the mean of ℓ_t over every valid token of the mini-batch,
 on all processes together. Each micro-batch therefore divides its token sum by the mini-batch's
@@ -21,6 +21,7 @@ the lm_head weight in the root's forward) wrap one module whose forward is the w
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 
@@ -34,6 +35,39 @@ from cepo_kernels import CEPOLoss
 from cepo_kernels.loss import PPOLossOutput
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many non-finite optimizer steps in a row, or NaN/inf weights."""
+
+
+class NonFiniteGuard:
+    """Skips an optimizer step whose loss or global grad norm is NaN/inf (its gradients are
+    dropped) and raises `NonFiniteError` after `limit` such steps in a row. The trainer saves a
+    checkpoint only while `in_a_row` is 0, so a resumed run starts counting where the
+    uninterrupted one stood."""
+
+    def __init__(self, limit: int, in_a_row: int = 0):
+        self.limit = limit
+        self.in_a_row = in_a_row
+
+    def allows(self, loss: float, norm: float, accelerator) -> bool:
+        """True: take the step. Every process decides alike (a flag reduced over processes)."""
+        bad = not (math.isfinite(loss) and math.isfinite(norm))
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([float(bad)], device=accelerator.device)
+            bad = bool(accelerator.reduce(flag, reduction="max").item())
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"norm (last: loss {loss}, grad norm {norm}); stopping. The last checkpoint is "
+                "intact: lower --optim.lr (or check the data) and --resume, or raise "
+                "--optim.max_nonfinite_steps")
+        return False
 
 
 class PolicyLoss(torch.nn.Module):
@@ -80,12 +114,16 @@ def ppo_update(
     grad_clip: float,
     accelerator,
     generator: torch.Generator | None = None,
+    guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
     """All optimizer steps of one rollout batch; returns the update's metrics (this process).
 
     `policy` is the (possibly DDP-wrapped) `PolicyLoss`. `generator` seeds the mini-batch shuffle
-    (``ppo.shuffle``), so a resumed run shuffles exactly like an uninterrupted one.
+    (``ppo.shuffle``), so a resumed run shuffles exactly like an uninterrupted one. `guard`
+    (default: a fresh one, limit 3) skips non-finite steps (``update/skipped_nonfinite``).
     """
+    guard = guard if guard is not None else NonFiniteGuard(limit=3)
+    skipped = 0
     clock = time.perf_counter()
     rollouts = exp.rollouts
     device = accelerator.device
@@ -143,7 +181,15 @@ def ppo_update(
                 norm = torch.norm(torch.stack(norms)) if norms else torch.zeros(())
             grad_norms.append(float(_full(norm)))
             losses.append(loss_sum)
-            optimizer.step()
+            try:
+                step = guard.allows(loss_sum, grad_norms[-1], accelerator)
+            except NonFiniteError:
+                optimizer.zero_grad(set_to_none=True)  # no NaN gradients left behind
+                raise
+            if step:
+                optimizer.step()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
     weight = max(tokens_seen, 1.0)
     metrics = {f"ppo/{k}": v / weight for k, v in sums.items()}
@@ -152,7 +198,8 @@ def ppo_update(
     metrics["ppo/loss"] = sum(losses) / len(losses)
     metrics["ppo/grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["ppo/grad_norm_max"] = max(grad_norms)
-    metrics["ppo/optimizer_steps"] = float(len(grad_norms))
+    metrics["ppo/optimizer_steps"] = float(len(grad_norms) - skipped)
+    metrics["update/skipped_nonfinite"] = float(skipped)
     metrics["time/update"] = time.perf_counter() - clock
     metrics["tokens/update"] = tokens_seen
     return metrics

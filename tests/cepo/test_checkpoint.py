@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 
 import numpy as np
@@ -26,7 +27,14 @@ def test_commit_keeps_last_k_and_points_latest(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
     assert ckpt.latest_checkpoint(tmp_path) == final
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000006"
-    assert ckpt.read_state(final) == {"step": 6, "lr": 0.1}
+    state = ckpt.read_state(final)
+    assert {k: state[k] for k in ("step", "lr")} == {"step": 6, "lr": 0.1}
+    files = sorted(str(p.relative_to(final)) for p in final.rglob("*")
+                   if p.is_file() and p.name != "trainer_state.json")
+    assert sorted(state["files"]) == files == ["rng/rank-0.pt", "weights.txt"]
+    for name, entry in state["files"].items():  # checked against hashlib, not the module
+        data = (final / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # nothing left behind
 
 

@@ -30,6 +30,28 @@ def test_jsonl_writer_and_resume_truncation(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "samples.jsonl"])
+def test_a_torn_last_record_is_dropped_on_resume(tmp_path, caplog, name):
+    """A crash or a full disk mid-write leaves half a line: resume drops it with a warning (it
+    used to stop with a bare JSONDecodeError); a bad line before the end names file and line."""
+    import logging
+
+    from cepo.samples import SampleWriter
+
+    path = tmp_path / name
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+    with caplog.at_level(logging.WARNING):
+        if name == "metrics.jsonl":
+            assert [r["step"] for r in MetricsWriter(tmp_path, resume_step=3).history] == [1, 2]
+        else:
+            SampleWriter(tmp_path, 2, resume_step=3)
+    assert f"{path}:3: torn last record" in caplog.text
+    assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'  # repaired
+    path.write_text('{"step": 1}\n{"step": 2, "a\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not a JSON record"):
+        read(path)
+
+
 def test_optional_backends_are_skipped_when_missing(tmp_path, caplog, monkeypatch):
     # simulate an install without the `logging` extra: a None entry makes `import x` fail
     for module in ("tensorboard", "torch.utils.tensorboard", "wandb"):

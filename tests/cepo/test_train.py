@@ -7,8 +7,9 @@ the first step."""
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import cepo.train as train_module
 from cepo import checkpoint as ckpt
 from cepo.metrics import read
+from cepo.schedule import lr_at
 from cepo.warmup import WarmupConfig, build_warm_tiny
 
 # wall-clock numbers and (on CUDA) allocator peaks differ between any two runs
@@ -81,7 +83,10 @@ def test_two_step_run(runs, algo):
     weights = "model.safetensors" if algo == "grpo" else "adapter_model.safetensors"
     for name in (weights, "optimizer.pt", "config.yaml", "trainer_state.json", "rng/rank-0.pt"):
         assert (latest / name).is_file(), name
-    assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(latest)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"] == str(latest)
+    assert summary["curves"] == str(out / "curves.png")  # drawn at the end of the run
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     check_samples(out, algo, records)
 
 
@@ -206,3 +211,57 @@ def test_warm_model_is_cached(warm_dir, monkeypatch):
     assert str(build_warm_tiny(warm_dir, WarmupConfig(steps=150))) == warm_dir
     with pytest.raises(AssertionError, match="rebuilt"):  # another recipe is not a hit
         build_warm_tiny(Path(warm_dir).parent / "other-warm", WarmupConfig(steps=151))
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(runs, warm_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(runs("cepo"), out)
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()  # the fixture's own run
+    train_module.main(train_args(warm_dir, str(out), "cepo", resume=True))
+    printed = capsys.readouterr().out
+    assert "nothing to do: the run has 2 steps" in printed and "run done" not in printed
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_with_more_steps_keeps_the_lr_schedule(runs, warm_dir, tmp_path):
+    """A 2-step cosine run resumed with --steps 4: the schedule keeps its 2 steps (steps 3-4
+    at the schedule's final lr), instead of restarting a 4-step cosine."""
+    out = tmp_path / "run"
+    shutil.copytree(runs("cepo"), out)
+    train_module.main(train_args(warm_dir, str(out), "cepo", steps=4, resume=True))
+    records = [r for r in read(out / "metrics.jsonl") if "lr" in r]
+    kept = [lr_at(k, lr=2e-3, total_steps=2, warmup_steps=1) for k in (1, 2, 3, 4)]
+    assert [r["lr"] for r in records] == pytest.approx(kept)
+    assert records[2]["lr"] != pytest.approx(lr_at(3, lr=2e-3, total_steps=4, warmup_steps=1))
+    assert ckpt.read_state(ckpt.resume_point(out))["schedule_steps"] == 2
+
+
+def test_a_diverging_run_never_commits_nonfinite_weights(tmp_path, warm_dir, monkeypatch):
+    """An optimizer step that blows the weights up (as lr 1e30 did before lr > 1 was refused
+    at start-up): non-finite steps are skipped and counted, the run stops with a clear message,
+    and no checkpoint holds a NaN/inf weight."""
+    from safetensors.torch import load_file
+
+    step = torch.optim.AdamW.step
+
+    def exploding_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1e38).mul_(1e38)  # inf (or NaN where 0): a diverged update
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", exploding_step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="non-finite|NaN or inf") as err:
+        train_module.main(train_args(warm_dir, str(out), steps=4, **{"val.every": 0}))
+    assert "--optim.lr" in str(err.value)
+    records = read(out / "metrics.jsonl")
+    assert records and records[0]["update/skipped_nonfinite"] >= 1  # counted in the metrics
+    for checkpoint in ckpt.list_checkpoints(out):
+        for key, value in load_file(checkpoint / "adapter_model.safetensors").items():
+            assert torch.isfinite(value).all(), (checkpoint.name, key)
+    latest = ckpt.latest_checkpoint(out)
+    assert latest is None or latest in ckpt.list_checkpoints(out)

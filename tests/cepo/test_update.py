@@ -11,7 +11,13 @@ from cepo.config import PPOConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
-from cepo.update import PolicyLoss, check_replicas, ppo_update
+from cepo.update import (
+    NonFiniteError,
+    NonFiniteGuard,
+    PolicyLoss,
+    check_replicas,
+    ppo_update,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +78,34 @@ def test_mini_batches_are_optimizer_steps(model, experience, accelerator):
 
 def test_replica_check_is_a_no_op_on_one_process(model, accelerator):
     check_replicas(model, accelerator)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(model, experience, accelerator):
+    """A NaN advantage makes the loss NaN: the optimizer step is skipped (the weights stay
+    exactly as they were, even with weight decay and momentum), counted, and the third in a
+    row raises NonFiniteError."""
+    bad = copy.copy(experience)
+    bad.scores = copy.copy(experience.scores)
+    bad.scores.token_advantages = experience.token_advantages.clone()
+    bad.scores.token_advantages[0, 0] = float("nan")  # in the only mini-batch
+    actor = copy.deepcopy(model).train()
+    before = [p.detach().clone() for p in actor.parameters()]
+    policy = PolicyLoss(actor, PPOConfig())
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-2, weight_decay=0.1)
+    guard = NonFiniteGuard(limit=3)
+    ppo = PPOConfig(mini_batches=1)
+    for in_a_row in (1, 2):
+        metrics = ppo_update(policy, optimizer, bad, ppo, grad_clip=1.0,
+                             accelerator=accelerator, guard=guard)
+        assert metrics["update/skipped_nonfinite"] == 1.0 and guard.in_a_row == in_a_row
+        assert metrics["ppo/optimizer_steps"] == 0.0
+        assert all(p.grad is None for p in actor.parameters())
+    for p, b in zip(actor.parameters(), before):
+        assert torch.equal(p, b)
+    assert not optimizer.state  # AdamW never stepped
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row.*--optim.lr"):
+        ppo_update(policy, optimizer, bad, ppo, grad_clip=1.0, accelerator=accelerator,
+                   guard=guard)
+    metrics = ppo_update(policy, optimizer, experience, ppo, grad_clip=1.0,
+                         accelerator=accelerator, guard=NonFiniteGuard(limit=3, in_a_row=2))
+    assert metrics["update/skipped_nonfinite"] == 0.0 and metrics["ppo/optimizer_steps"] == 1.0
