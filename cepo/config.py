@@ -84,11 +84,21 @@ class DataConfig:
     val: str | None = None  # validation source; None: the training source
     val_split: str = "test"  # the paper validates on Geo3k test (601)
     val_limit: int | None = None  # validate on the first N examples only
+    # Every image is resized to between min_pixels and max_pixels (the reference's values), in
+    # rollouts, scoring, updates, validation and cepo.eval alike; None keeps the processor's own.
+    min_pixels: int | None = 262_144  # 512 × 512: a 300×200 figure becomes 280 visual tokens
+    max_pixels: int | None = 4_194_304  # 2048 × 2048
 
     def __post_init__(self):
         for key in ("train_limit", "val_limit"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key}", value, "None or an integer >= 1")
+        for key in ("min_pixels", "max_pixels"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key}", value, "None or an integer >= 1")
+        if self.min_pixels is not None and self.max_pixels is not None:
+            _require(self.min_pixels <= self.max_pixels, "data.min_pixels", self.min_pixels,
+                     f"at most data.max_pixels={self.max_pixels}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,10 @@ OFFLINE_DEFAULT: dict[str, Any] = {
     "model.gradient_checkpointing": False,
     "data.train": "synthetic",
     "data.val_split": "val",
+    # the tiny model's own small images (64×64 → 4 visual tokens); at the paper's 262,144-pixel
+    # minimum each synthetic 64×64 image would become 256 visual tokens
+    "data.min_pixels": None,
+    "data.max_pixels": None,
     "rollout.group_size": 8,
     "rollout.max_new_tokens": 16,
     "teacher.micro_batch_size": 32,

@@ -82,6 +82,18 @@ def evaluate(
     }
 
 
+_RUN = object()  # default of --min_pixels / --max_pixels: the run's value
+
+
+def _pixels(text: str) -> int | None:
+    if text.lower() in ("none", "null"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a pixel count must be >= 1 (or none), got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog="python -m cepo.eval",
@@ -101,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, help="CPU threads (default: the run's)")
     parser.add_argument("--output", help="JSON file for the results")
+    parser.add_argument("--min_pixels", type=_pixels, default=_RUN,
+                        help="images resized to at least this many pixels (default: the run's "
+                        "data.min_pixels, or the paper preset's; none: the processor's own)")
+    parser.add_argument("--max_pixels", type=_pixels, default=_RUN,
+                        help="images resized to at most this many pixels (default: as above)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -125,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     name = args.model or cfg.model.name
-    processor = load_processor(name)
+    low = cfg.data.min_pixels if args.min_pixels is _RUN else args.min_pixels
+    high = cfg.data.max_pixels if args.max_pixels is _RUN else args.max_pixels
+    processor = load_processor(name, min_pixels=low, max_pixels=high)  # the run's image sizes
     source = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
     limit = args.limit or (cfg.data.val_limit if not args.split else None)

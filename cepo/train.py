@@ -295,7 +295,8 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)  # same LoRA init on every process
     with accelerator.main_process_first():  # the first process builds "tiny-warm", others reuse
         model_path = resolve_checkpoint(cfg.model.name)
-        processor = load_processor(model_path)
+        processor = load_processor(model_path, min_pixels=cfg.data.min_pixels,
+                                   max_pixels=cfg.data.max_pixels)
     dtype = DTYPES.get(cfg.model.dtype)  # None ("auto"): bf16 on GPU, fp32 on CPU
     model = load_model(model_path, device=accelerator.device, dtype=dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing,

@@ -42,7 +42,7 @@ from trl import GRPOTrainer
 
 from cepo.batch import collate
 from cepo.grading import Grader, extract_boxed
-from cepo.models import output_head
+from cepo.models import output_head, set_image_pixels
 from cepo.teachers import select_wrong_answers
 from cepo_kernels import contrastive_evidence
 
@@ -127,6 +127,9 @@ class CEPOGRPOTrainer(GRPOTrainer):
         if self.args.cepo_teacher_model == "base" and not hasattr(model, "disable_adapter"):
             raise ValueError("cepo_teacher_model='base' needs a PEFT model (adapters to disable); "
                              "pass peft_config or use cepo_teacher_model='actor'")
+        if hasattr(self.processing_class, "image_processor"):  # a VLM: set its image sizes once,
+            set_image_pixels(self.processing_class,  # so generation and scoring agree
+                             self.args.cepo_min_pixels, self.args.cepo_max_pixels)
         config = model.config
         self._cepo_vision_markers = [t for t in (getattr(config, "vision_start_token_id", None),
                                                  getattr(config, "vision_end_token_id", None))

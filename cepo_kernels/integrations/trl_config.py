@@ -63,6 +63,13 @@ class CEPOConfig(GRPOConfig):
                 "or 'positive' (r- = r+, i.e. GRPO, the reference code)."})
     cepo_teacher_images: bool = field(default=True, metadata={
         "help": "Teachers see the prompt's images; False drops them (the reference code)."})
+    cepo_min_pixels: int | None = field(default=262_144, metadata={
+        "help": "VLMs: every image is resized to at least this many pixels (the reference's "
+                "value); set on the processor once, so generation and scoring agree. None: the "
+                "processor's own."})
+    cepo_max_pixels: int | None = field(default=4_194_304, metadata={
+        "help": "VLMs: every image is resized to at most this many pixels. None: the "
+                "processor's own."})
     cepo_hint_template: str = field(default=" {answer}", metadata={
         "help": "Text inserted between the prompt and the response; must contain '{answer}'."})
     cepo_answer_column: str = field(default="answer", metadata={
@@ -91,6 +98,14 @@ class CEPOConfig(GRPOConfig):
             raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
         if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:
             raise ValueError(f"cepo_num_neg must be an int >= 1, got {self.cepo_num_neg}")
+        for name in ("cepo_min_pixels", "cepo_max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if None not in (self.cepo_min_pixels, self.cepo_max_pixels) and \
+                self.cepo_min_pixels > self.cepo_max_pixels:
+            raise ValueError(f"cepo_min_pixels={self.cepo_min_pixels} is above "
+                             f"cepo_max_pixels={self.cepo_max_pixels}")
         if "{answer}" not in self.cepo_hint_template:
             raise ValueError(f"cepo_hint_template must contain '{{answer}}', got "
                              f"{self.cepo_hint_template!r}")

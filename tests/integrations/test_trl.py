@@ -216,7 +216,8 @@ def test_lambda_schedule_and_step_mapping():
     ("cepo_algo", "grpo"), ("cepo_lambda_init", 1.5), ("cepo_lambda_warmup", 0),
     ("cepo_eps_w", 1.0), ("cepo_neg_choice", "best"), ("cepo_num_neg", 0),
     ("cepo_neg_fallback", "none"), ("cepo_hint_template", "The answer is"),
-    ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""),
+    ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""), ("cepo_min_pixels", 0),
+    ("cepo_max_pixels", 2.5), ("cepo_min_pixels", 10**8),
 ])
 def test_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
@@ -360,7 +361,9 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
     processor = load_processor(tiny_vl_dir)
     # groups of 2: every batch holds two prompts with different images, so a row given the
     # wrong image's pixels would show in the alignment check
-    args = _args(tmp_path, max_completion_length=6, num_generations=2)
+    # pixel limits reach TRL's own encoding: the 64×64 images become 128×128 (16 tokens, not 4)
+    args = _args(tmp_path, max_completion_length=6, num_generations=2,
+                 cepo_min_pixels=128 * 128, cepo_max_pixels=128 * 128)
     trainer = _train(RecordingCEPO, model=load_model(tiny_vl_dir, device="cpu"),
                      reward_funcs=length_reward, args=args, train_dataset=_vl_dataset(4),
                      processing_class=processor)
@@ -370,6 +373,7 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
         _check_cepo_advantages(cepo, args.cepo_eps_w)
     out, truths, verdicts = trainer.rec_batches[-1]
     assert out["pixel_values"] is not None
+    assert out["image_grid_thw"].tolist() == [[1, 8, 8]] * len(out["image_grid_thw"])
     _assert_student_aligned(trainer, out)  # mRoPE positions and per-row pixels line up
 
     # image-blind teachers (the reference code's setting): no image tokens, no pixels
