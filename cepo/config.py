@@ -9,9 +9,9 @@ in layers, later ones winning:
       -> command-line overrides: ``--section.key value``, ``--section.key=value``, or ``--key``
          alone when that last part names one option only (``--lr``, ``--lam0``, ``--group_size``)
 
-then `finalize` fills the values that derive from others (the lr of the algorithm, `{algo}` in
-the output directory). The result is printed and saved with the run and every checkpoint.
-Unknown keys and invalid values stop the run at start-up with the key, the value received and
+then `finalize` fills the values that derive from others (the lr, ε_w and λ offset of the
+algorithm, `{algo}` in the output directory). The result is printed and saved with the run and
+every checkpoint. Unknown keys and invalid values stop the run at start-up with the key, the value received and
 what is allowed.
 """
 
@@ -36,6 +36,10 @@ from cepo.teachers import TeacherConfig
 ALGOS = ("cepo", "rlsd", "grpo")
 # SPEC §7: lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
+# The RLSD baseline as the reference's RLSD script runs it (the RLSD paper's ε_w is 0.2 too):
+# ε_w 0.2 and λ_k = 0.5·(1 − k/25), one step ahead of CEPO's schedule (used when None).
+DEFAULT_EPS_W = {"cepo": 0.5, "rlsd": 0.2, "grpo": 0.5}
+DEFAULT_LAM_OFFSET = {"cepo": 0, "rlsd": 1, "grpo": 0}
 
 
 class ConfigError(ValueError):
@@ -105,13 +109,18 @@ class DataConfig:
 class CEPOSettings:
     lam0: float = 0.5  # λ at step 1 (SPEC §4)
     lam_warmup_steps: int = 25  # T_warm: λ falls linearly to 0 at step T_warm + 1; 0: constant
-    eps_w: float = 0.5  # weight clip ε_w; the reference scripts use 0.2
+    # λ_k = λ0·max(0, 1 − (k − 1 + lam_offset)/T_warm): rlsd's 1 starts at 0.48, ends a step early
+    lam_offset: int | None = None  # None: 0 (cepo, grpo), 1 (rlsd, the reference RLSD script)
+    eps_w: float | None = None  # weight clip ε_w; None: 0.5 (cepo), 0.2 (rlsd); reference 0.2
 
     def __post_init__(self):
         _require(0 <= self.lam0 <= 1, "cepo.lam0", self.lam0, "a number in [0, 1]")
         _require(self.lam_warmup_steps >= 0, "cepo.lam_warmup_steps", self.lam_warmup_steps,
                  "an integer >= 0")
-        _require(0 <= self.eps_w < 1, "cepo.eps_w", self.eps_w, "a number in [0, 1)")
+        _require(self.eps_w is None or 0 <= self.eps_w < 1, "cepo.eps_w", self.eps_w,
+                 "None or a number in [0, 1)")
+        _require(self.lam_offset is None or self.lam_offset >= 0, "cepo.lam_offset",
+                 self.lam_offset, "None or an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -249,7 +258,8 @@ class TrainConfig:
 
 def paper() -> TrainConfig:
     """SPEC §7, paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8, LoRA r16/α32,
-    cosine lr with 5 warm-up steps, ε_w 0.5."""
+    cosine lr with 5 warm-up steps, ε_w 0.5 (the RLSD baseline: ε_w 0.2, λ_k = 0.5·(1 − k/25)),
+    images of 262,144 to 4,194,304 pixels."""
     return TrainConfig()
 
 
@@ -467,10 +477,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
-    """Fill the derived values: lr by algorithm, {preset}/{algo} in output_dir."""
+    """Fill the derived values: lr, ε_w and λ offset by algorithm, {preset}/{algo} in output_dir."""
+    eps_w, offset = cfg.cepo.eps_w, cfg.cepo.lam_offset
     return dataclasses.replace(
         cfg,
         optim=dataclasses.replace(cfg.optim, lr=cfg.lr),
+        cepo=dataclasses.replace(
+            cfg.cepo,
+            eps_w=DEFAULT_EPS_W[cfg.algo] if eps_w is None else eps_w,
+            lam_offset=DEFAULT_LAM_OFFSET[cfg.algo] if offset is None else offset,
+        ),
         output_dir=cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo),
     )
 

@@ -109,7 +109,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One rollout batch: prompts → rollouts → rewards → Â → PPO update → metrics."""
     cfg, clock = run.cfg, time.perf_counter()
     seed_step(cfg.seed, step, run.rank)
-    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps)
+    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps,
+                                                cfg.cepo.lam_offset)
     lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, schedule=cfg.optim.schedule,
                warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
     for group in run.optimizer.param_groups:

@@ -147,7 +147,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
 
     def cepo_lambda(self) -> float:
         return cepo_lambda(self.cepo_generation(), lambda_init=self.args.cepo_lambda_init,
-                           warmup=self.args.cepo_lambda_warmup)
+                           warmup=self.args.cepo_lambda_warmup,
+                           offset=self.args.cepo_lambda_offset)
 
     # ------------------------------------------------------------------ TRL hooks
 

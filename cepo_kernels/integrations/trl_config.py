@@ -18,11 +18,12 @@ NEG_FALLBACKS = ("student", "positive")
 TEACHER_MODELS = ("actor", "base")
 
 
-def cepo_lambda(generation: int, *, lambda_init: float, warmup: int) -> float:
-    """λ_k = λ0 · max(0, 1 − (k − 1)/T_warm) for generation batch k = 1, 2, ... (SPEC §4)."""
+def cepo_lambda(generation: int, *, lambda_init: float, warmup: int, offset: int = 0) -> float:
+    """λ_k = λ0 · max(0, 1 − (k − 1 + offset)/T_warm) for generation batch k = 1, 2, ...
+    (SPEC §4; offset 1 is the reference RLSD script's λ0 · (1 − k/T_warm))."""
     if generation < 1:
         raise ValueError(f"generation counts from 1, got {generation}")
-    return lambda_init * max(0.0, 1.0 - (generation - 1) / warmup)
+    return lambda_init * max(0.0, 1.0 - (generation - 1 + offset) / warmup)
 
 
 def generation_index(global_step: int, micro_step: int, *, gradient_accumulation_steps: int,
@@ -51,8 +52,13 @@ class CEPOConfig(GRPOConfig):
     cepo_lambda_warmup: int = field(default=25, metadata={
         "help": "T_warm: λ decays linearly to 0 over this many generation batches; then the "
                 "teacher passes are skipped (pure GRPO)."})
-    cepo_eps_w: float = field(default=0.5, metadata={
-        "help": "ε_w: token weights are clipped to [1 − ε_w, 1 + ε_w] (paper 0.5, reference 0.2)."})
+    cepo_lambda_offset: int | None = field(default=None, metadata={
+        "help": "Shifts the λ decay by whole generation batches: λ_k = λ0 · max(0, 1 − (k − 1 + "
+                "offset)/T_warm). None: 0 for cepo, 1 for rlsd (the reference RLSD script)."})
+    cepo_eps_w: float | None = field(default=None, metadata={
+        "help": "ε_w: token weights are clipped to [1 − ε_w, 1 + ε_w]. None: 0.5 for cepo (the "
+                "paper; the reference CEPO script uses 0.2), 0.2 for rlsd (RLSD paper and "
+                "script)."})
     cepo_neg_choice: str = field(default="worst", metadata={
         "help": "How r- is picked among the group's rejected rollouts: 'worst' (lowest reward, "
                 "ties to the first) or 'most_frequent' (the most common wrong answer)."})
@@ -94,6 +100,13 @@ class CEPOConfig(GRPOConfig):
         if int(self.cepo_lambda_warmup) != self.cepo_lambda_warmup or self.cepo_lambda_warmup < 1:
             raise ValueError(f"cepo_lambda_warmup must be an int >= 1, got "
                              f"{self.cepo_lambda_warmup}")
+        if self.cepo_eps_w is None:
+            self.cepo_eps_w = 0.2 if self.cepo_algo == "rlsd" else 0.5
+        if self.cepo_lambda_offset is None:
+            self.cepo_lambda_offset = 1 if self.cepo_algo == "rlsd" else 0
+        if int(self.cepo_lambda_offset) != self.cepo_lambda_offset or self.cepo_lambda_offset < 0:
+            raise ValueError(f"cepo_lambda_offset must be an int >= 0, got "
+                             f"{self.cepo_lambda_offset}")
         if not 0.0 <= self.cepo_eps_w < 1.0:
             raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
         if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:

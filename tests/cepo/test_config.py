@@ -51,7 +51,7 @@ def test_no_arguments_is_the_offline_run_and_matches_configs_tiny_cpu():
     cfg = build_config([])
     assert cfg.model.name == "tiny-warm" and cfg.data.train == "synthetic"
     assert cfg.preset == "paper" and cfg.output_dir == "runs/tiny-cepo"
-    assert cfg.cepo == C.paper().cepo and cfg.ppo.clip_high == 0.28  # method settings kept
+    assert cfg.cepo == C.finalize(C.paper()).cepo and cfg.ppo.clip_high == 0.28  # method kept
     assert build_config(["--config", str(CONFIGS / "tiny_cpu.yaml")]) == cfg
 
 

@@ -217,11 +217,23 @@ def test_lambda_schedule_and_step_mapping():
     ("cepo_eps_w", 1.0), ("cepo_neg_choice", "best"), ("cepo_num_neg", 0),
     ("cepo_neg_fallback", "none"), ("cepo_hint_template", "The answer is"),
     ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""), ("cepo_min_pixels", 0),
-    ("cepo_max_pixels", 2.5), ("cepo_min_pixels", 10**8),
+    ("cepo_max_pixels", 2.5), ("cepo_min_pixels", 10**8), ("cepo_lambda_offset", -1),
 ])
 def test_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         _args(tmp_path, **{field: value})
+
+
+def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path):
+    rlsd = _args(tmp_path, cepo_algo="rlsd", cepo_lambda_warmup=25)
+    assert (rlsd.cepo_eps_w, rlsd.cepo_lambda_offset) == (0.2, 1)
+    lams = [cepo_lambda(k, lambda_init=0.5, warmup=25, offset=rlsd.cepo_lambda_offset)
+            for k in range(1, 31)]
+    assert lams == pytest.approx([0.5 * max(0.0, 1 - k / 25) for k in range(1, 31)], abs=1e-12)
+    cepo = _args(tmp_path)
+    assert (cepo.cepo_eps_w, cepo.cepo_lambda_offset) == (0.5, 0)
+    mine = _args(tmp_path, cepo_algo="rlsd", cepo_eps_w=0.5, cepo_lambda_offset=0)
+    assert (mine.cepo_eps_w, mine.cepo_lambda_offset) == (0.5, 0)
 
 
 def test_importing_cepo_kernels_does_not_import_trl():
