@@ -11,8 +11,8 @@ in layers, later ones winning:
 
 then `finalize` fills the values that derive from others (the lr, ε_w and λ offset of the
 algorithm, `{algo}` in the output directory). The result is printed and saved with the run and
-every checkpoint. Unknown keys and invalid values stop the run at start-up with the key, the value received and
-what is allowed.
+every checkpoint. Unknown keys and invalid values stop the run at start-up with the key, the value
+received and what is allowed.
 """
 
 from __future__ import annotations
