@@ -55,16 +55,21 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor  # [L] int32: 1 on image placeholder tokens
     pixel_values: torch.Tensor | None  # [P, C] patches of this prompt's images
     image_grid_thw: torch.Tensor | None  # [I, 3]
-    text_only_ids: torch.Tensor  # [L'] the same prompt with the images left out
+    blind_ids: torch.Tensor  # [L] input_ids with every image placeholder token set to the pad
     example: Example
 
     def prefix(self, *, with_images: bool = True) -> Prefix:
-        """This prompt as a batch row; `with_images=False` gives the image-free rendering."""
+        """This prompt as a batch row; `with_images=False` gives the image-blind rendering.
+
+        Image-blind is the reference code's teacher layout: the vision block stays, as
+        ``<|vision_start|>`` + N × pad (``<|endoftext|>``) + ``<|vision_end|>`` with N the image's
+        token count, attended like text, with text (sequential) positions and no pixels.
+        """
         if with_images:
             return Prefix(
                 self.input_ids, self.mm_token_type_ids, self.pixel_values, self.image_grid_thw
             )
-        return Prefix(self.text_only_ids, torch.zeros_like(self.text_only_ids, dtype=torch.int32))
+        return Prefix(self.blind_ids, torch.zeros_like(self.blind_ids, dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------- prompts
@@ -95,22 +100,23 @@ def prompt_text(processor, example: Example, *, with_images: bool = True) -> str
 
 
 def encode_prompt(processor, example: Example) -> EncodedPrompt:
-    """Tokenise one example with its images (and once more without, for image-blind teachers)."""
+    """Tokenise one example with its images (and its image-blind form, for blind teachers)."""
     images = list(example.images) or None
     enc = processor(text=[prompt_text(processor, example)], images=images, return_tensors="pt")
     ids = enc["input_ids"][0]
     mm = enc.get("mm_token_type_ids")
     if mm is None:  # processors other than Qwen's: mark the image placeholder tokens ourselves
         mm = (ids == processor.image_token_id).long()[None]
-    text_only = processor.tokenizer(
-        prompt_text(processor, example, with_images=False), add_special_tokens=False
-    )["input_ids"]
+    placeholders = mm[0] != 0
+    pad = processor.tokenizer.pad_token_id
+    if pad is None and bool(placeholders.any()):
+        raise ValueError("the tokenizer has no pad token: the image-blind prompt needs one")
     return EncodedPrompt(
         input_ids=ids.long(),
         mm_token_type_ids=mm[0].to(torch.int32),
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
-        text_only_ids=torch.tensor(text_only, dtype=torch.long),
+        blind_ids=ids.long().masked_fill(placeholders, pad if pad is not None else 0),
         example=example,
     )
 

@@ -37,7 +37,7 @@ class TeacherConfig:
     """How the teacher contexts are built; defaults are SPEC §5 / §7 (preset `paper`)."""
 
     hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
-    teacher_images: bool = True  # False: image-blind teachers, as the reference code
+    teacher_images: bool = True  # False: image-blind as the reference code (pads for the image)
     neg_choice: Literal["worst", "most_frequent"] = "worst"
     num_neg: int = 1  # K wrong answers; K > 1 mixes them as logmeanexp_k (extension)
     neg_fallback: Literal["student", "positive"] = "student"  # group without a usable r-

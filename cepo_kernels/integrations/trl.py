@@ -131,9 +131,10 @@ class CEPOGRPOTrainer(GRPOTrainer):
             set_image_pixels(self.processing_class,  # so generation and scoring agree
                              self.args.cepo_min_pixels, self.args.cepo_max_pixels)
         config = model.config
-        self._cepo_vision_markers = [t for t in (getattr(config, "vision_start_token_id", None),
-                                                 getattr(config, "vision_end_token_id", None))
-                                     if t is not None]
+        self._cepo_placeholders = [t for t in (getattr(config, "image_token_id", None),
+                                               getattr(config, "video_token_id", None),
+                                               getattr(config, "image_token_index", None))
+                                   if t is not None]
 
     # ------------------------------------------------------------------ λ schedule
 
@@ -217,7 +218,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
         self._cepo_warn_no_neg(verdicts, wrong_by_group, g)
         student = row_prefixes(out, with_images=True)
         teacher = student if args.cepo_teacher_images else row_prefixes(
-            out, with_images=False, drop_token_ids=self._cepo_vision_markers)
+            out, with_images=False, blind_token_id=self._tokenizer.pad_token_id,
+            placeholder_ids=self._cepo_placeholders)
 
         advantages = grpo[:, None] * loss_mask  # [B, T] Â = A where no teacher runs
         delta = torch.zeros(b, width, device=comp_ids.device)

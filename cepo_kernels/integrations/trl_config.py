@@ -68,7 +68,8 @@ class CEPOConfig(GRPOConfig):
         "help": "Group without a usable wrong answer: 'student' (RLSD for that group, the paper) "
                 "or 'positive' (r- = r+, i.e. GRPO, the reference code)."})
     cepo_teacher_images: bool = field(default=True, metadata={
-        "help": "Teachers see the prompt's images; False drops them (the reference code)."})
+        "help": "Teachers see the prompt's images; False: image-blind teachers as in the "
+                "reference code (the image's tokens become pad tokens, no pixels)."})
     cepo_min_pixels: int | None = field(default=262_144, metadata={
         "help": "VLMs: every image is resized to at least this many pixels (the reference's "
                 "value); set on the processor once, so generation and scoring agree. None: the "

@@ -388,11 +388,16 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
     assert out["image_grid_thw"].tolist() == [[1, 8, 8]] * len(out["image_grid_thw"])
     _assert_student_aligned(trainer, out)  # mRoPE positions and per-row pixels line up
 
-    # image-blind teachers (the reference code's setting): no image tokens, no pixels
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    blind = row_prefixes(out, with_images=False,
-                         drop_token_ids=trainer._cepo_vision_markers)
-    assert all(p.pixel_values is None and image_pad not in p.input_ids.tolist() for p in blind)
+    # image-blind teachers (the reference code's setting): pads for the image tokens, no pixels
+    tok = processor.tokenizer
+    image_pad, pad = tok.convert_tokens_to_ids("<|image_pad|>"), tok.pad_token_id
+    blind = row_prefixes(out, with_images=False, blind_token_id=pad,
+                         placeholder_ids=trainer._cepo_placeholders)
+    seeing = row_prefixes(out, with_images=True)
+    for b, s in zip(blind, seeing):
+        assert b.pixel_values is None and int(b.mm_token_type_ids.sum()) == 0
+        assert torch.equal(b.input_ids, torch.where(s.input_ids == image_pad, pad, s.input_ids))
+        assert int((b.input_ids == pad).sum()) == 16  # one pad per visual token
     out = dict(out, advantages=trainer.rec_cepo[-1].grpo_advantages)
     seeing = trainer._cepo_advantages(out, truths, verdicts, 2, 0.5)
     trainer.args.cepo_teacher_images = False
