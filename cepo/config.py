@@ -9,10 +9,10 @@ in layers, later ones winning:
       -> command-line overrides: ``--section.key value``, ``--section.key=value``, or ``--key``
          alone when that last part names one option only (``--lr``, ``--lam0``, ``--group_size``)
 
-then `finalize` fills the values that derive from others (the lr, ε_w and λ offset of the
-algorithm, `{algo}` in the output directory). The result is printed and saved with the run and
-every checkpoint. Unknown keys and invalid values stop the run at start-up with the key, the value
-received and what is allowed.
+then `finalize` fills the values that derive from others (the lr, ε_w, λ offset and teacher
+images of the algorithm, `{algo}` in the output directory). The result is printed and saved with
+the run and every checkpoint. Unknown keys and invalid values stop the run at start-up with the
+key, the value received and what is allowed.
 """
 
 from __future__ import annotations
@@ -124,6 +124,11 @@ class CEPOSettings:
 
 
 @dataclass(frozen=True)
+class AdvantageConfig:
+    uniform_zero: bool = True  # all-equal groups get A = 0 exactly; False: the reference's tiny A
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float | None = None  # None: 5e-6 for cepo, 1e-6 for grpo and rlsd (SPEC §7)
     weight_decay: float = 0.01  # AdamW, SPEC §7
@@ -230,6 +235,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cepo: CEPOSettings = field(default_factory=CEPOSettings)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     val: ValConfig = field(default_factory=ValConfig)
@@ -264,7 +270,11 @@ def paper() -> TrainConfig:
 
 
 def reference() -> TrainConfig:
-    """SPEC §7, reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2."""
+    """SPEC §7, reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2, and the
+    reference code's own choices where they differ from the paper: r- chosen as it does (lowest
+    reward below 0.5, unboxed allowed, so the hint can be " None"), r- = r+ for a group without
+    one, image-blind teachers (pads for the image), and its group std (uniform groups keep the
+    tiny A that rounding leaves)."""
     cfg = paper()
     return dataclasses.replace(
         cfg,
@@ -272,6 +282,9 @@ def reference() -> TrainConfig:
         lora=dataclasses.replace(cfg.lora, alpha=64.0),
         optim=dataclasses.replace(cfg.optim, schedule="constant", warmup_steps=0),
         cepo=dataclasses.replace(cfg.cepo, eps_w=0.2),
+        teacher=dataclasses.replace(cfg.teacher, neg_choice="reference", neg_fallback="positive",
+                                    teacher_images=None),  # by algorithm, see finalize
+        advantage=dataclasses.replace(cfg.advantage, uniform_zero=False),
     )
 
 
@@ -477,10 +490,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
-    """Fill the derived values: lr, ε_w and λ offset by algorithm, {preset}/{algo} in output_dir."""
+    """Fill the derived values: lr, ε_w, λ offset and teacher images by algorithm, {preset}/{algo}
+    in output_dir."""
     eps_w, offset = cfg.cepo.eps_w, cfg.cepo.lam_offset
+    images = cfg.teacher.teacher_images
     return dataclasses.replace(
         cfg,
+        teacher=dataclasses.replace(
+            cfg.teacher, teacher_images=cfg.algo != "cepo" if images is None else images
+        ),
         optim=dataclasses.replace(cfg.optim, lr=cfg.lr),
         cepo=dataclasses.replace(
             cfg.cepo,

@@ -40,6 +40,7 @@ class ExperienceConfig:
     eps_w: float = 0.5
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     kernel_backend: str = "auto"  # cepo_kernels backend: "auto" | "triton" | "torch"
+    uniform_zero: bool = True  # all-equal groups get A = 0 exactly (False: the reference's A)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -123,7 +124,9 @@ def make_experience(
     clock = time.perf_counter()
     timeouts_before = grader.timeouts
     rewards = compute_rewards(rollouts.texts, rollouts.ground_truths(), grader)
-    advantages = group_advantages(rewards.reward, rollouts.group_size)  # [N]
+    advantages = group_advantages(  # [N]
+        rewards.reward, rollouts.group_size, uniform_zero=config.uniform_zero
+    )
     timings["time/reward"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -339,6 +339,7 @@ def setup(cfg: TrainConfig) -> Run:
     experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
                                   grader_timeout_s=cfg.grader_timeout_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
+                                  uniform_zero=cfg.advantage.uniform_zero,
                                   teacher=cfg.teacher)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
                HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
