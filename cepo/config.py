@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cepo.grading import check_grader
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
@@ -229,6 +230,8 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
+    # math_verify; mathruler: the reference code's grader (pip install 'cepo[mathruler]')
+    grader: Literal["math_verify", "mathruler"] = "math_verify"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +252,10 @@ class TrainConfig:
         _require(self.num_threads >= 0, "num_threads", self.num_threads, "an integer >= 0")
         _require(self.grader_timeout_s > 0, "grader_timeout_s", self.grader_timeout_s,
                  "a number > 0")
+        try:
+            check_grader(self.grader)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"grader={self.grader!r}: {err}") from None
         _require(self.sharding != "fsdp" or self.mixed_precision != "fp16", "mixed_precision",
                  self.mixed_precision, "'no' or 'bf16' with sharding=fsdp (fp16 needs loss "
                  "scaling, which the FSDP path does not do)")

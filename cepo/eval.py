@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     limit = args.limit or (cfg.data.val_limit if not args.split else None)
     examples = load_split(source, split, limit=limit, seed=cfg.seed)
     torch.manual_seed(args.seed)
-    grader = Grader(timeout_s=cfg.grader_timeout_s)
+    grader = Grader(timeout_s=cfg.grader_timeout_s, backend=cfg.grader)
     try:
         result = evaluate(
             model, processor, examples,

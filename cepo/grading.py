@@ -7,6 +7,10 @@ settled here; everything else goes to math-verify (symbolic/numeric equivalence,
 where no signal reaches it, so the only limit that always holds is killing the process. A graded
 answer that runs past the limit counts as wrong, the child is restarted and the step goes on.
 
+``backend="mathruler"`` grades with mathruler's `grade_answer` instead (the reference code's
+grader; an optional extra, ``pip install 'cepo[mathruler]'``), in the same child, with the same
+limit, and without the exact-match shortcut, so its verdicts are mathruler's own.
+
 This module must not import torch: the child runs ``python -m cepo.grading`` and should start in
 about a second.
 """
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT_S = 120.0
 _BOXED = re.compile(r"\\boxed\s*\{")
+GRADERS = ("math_verify", "mathruler")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -74,15 +79,39 @@ def _math_verify_equal(answer: str, ground_truth: str, timeout_s: int) -> bool:
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
+def _mathruler_equal(answer: str, ground_truth: str) -> bool:
+    """mathruler's verdict (the reference code's grader). Runs inside the child process."""
+    from mathruler.grader import grade_answer
+
+    return bool(grade_answer(answer, ground_truth))
+
+
+def check_grader(backend: str) -> None:
+    """Refuse an unknown grader, or mathruler when it is not installed, before any work."""
+    if backend not in GRADERS:
+        raise ValueError(f"grader must be one of {', '.join(GRADERS)}, got {backend!r}")
+    if backend == "mathruler":
+        import importlib.util
+
+        missing = [m for m in ("mathruler", "pylatexenc") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"grader 'mathruler' needs {' and '.join(missing)}: pip install 'cepo[mathruler]' "
+                "(or use grader=math_verify)"
+            )
+
+
 class Grader:
     """Grades (answer, ground truth) pairs; math-verify runs in a child with a per-pair deadline.
 
     The child starts on first use and is reused; `close()` (also registered at exit) ends it.
     """
 
-    def __init__(self, timeout_s: float = 5.0):
+    def __init__(self, timeout_s: float = 5.0, *, backend: str = "math_verify"):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        check_grader(backend)
+        self.backend = backend
         self.timeout_s = timeout_s
         self.timeouts = 0  # pairs that ran past the limit, over the grader's lifetime
         self._proc: subprocess.Popen | None = None
@@ -96,7 +125,9 @@ class Grader:
         for answer, truth in pairs:
             if answer is None or not answer.strip():
                 results.append(False)
-            elif normalize_answer(answer) == normalize_answer(truth):
+            elif self.backend == "math_verify" and normalize_answer(answer) == normalize_answer(
+                truth
+            ):
                 results.append(True)
             else:
                 results.append(None)  # needs math-verify
@@ -146,7 +177,8 @@ class Grader:
         root = str(Path(__file__).resolve().parents[1])  # so `-m cepo.grading` finds this package
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cepo.grading", "--worker", str(max(1, int(self.timeout_s)))],
+            [sys.executable, "-m", "cepo.grading", "--worker", str(max(1, int(self.timeout_s))),
+             self.backend],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -176,17 +208,26 @@ class Grader:
             self._proc = None
 
 
-def _worker(timeout_s: int) -> None:
+def _worker(timeout_s: int, backend: str = "math_verify") -> None:
     """Child loop: one JSON request per stdin line, one ``{"equal": bool}`` per stdout line."""
     logging.disable(logging.WARNING)  # math-verify logs parse failures; the parent reads stdout
-    import math_verify  # noqa: F401 - import before saying ready
+    if backend == "mathruler":
+        import mathruler.grader  # noqa: F401 - import before saying ready
+
+        def equal_fn(answer, truth):
+            return _mathruler_equal(answer, truth)
+    else:
+        import math_verify  # noqa: F401 - import before saying ready
+
+        def equal_fn(answer, truth):
+            return _math_verify_equal(answer, truth, timeout_s)
 
     sys.stdout.write(json.dumps({"ready": True}) + "\n")
     sys.stdout.flush()
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            equal = _math_verify_equal(request["answer"], request["truth"], timeout_s)
+            equal = equal_fn(request["answer"], request["truth"])
         except Exception:  # noqa: BLE001 - a grader error means "not shown equal"
             equal = False
         sys.stdout.write(json.dumps({"equal": equal}) + "\n")
@@ -194,7 +235,7 @@ def _worker(timeout_s: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), *sys.argv[3:])
     else:
-        sys.exit("usage: python -m cepo.grading --worker TIMEOUT_SECONDS")
+        sys.exit("usage: python -m cepo.grading --worker TIMEOUT_SECONDS [math_verify|mathruler]")

@@ -127,7 +127,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     with sharding.full_weights(run.policy):  # FSDP: gathered once for the whole phase
         exp = make_experience(run.model, run.processor, examples, lam=lam,
                               config=run.experience, engine=run.engine,
-                              grader=default_grader(cfg.grader_timeout_s))
+                              grader=default_grader(cfg.grader_timeout_s, cfg.grader))
     peaks = {"experience": peak_memory_gib(device)}
     reset_peak_memory(device)
 
@@ -234,7 +234,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
             temperature=cfg.val.temperature, top_p=cfg.val.top_p,
             max_new_tokens=cfg.val.max_new_tokens or cfg.rollout.max_new_tokens,
             max_prompt_tokens=cfg.rollout.max_prompt_tokens, batch_size=cfg.val.batch_size,
-            grader=default_grader(cfg.grader_timeout_s), accelerator=run.accelerator,
+            grader=default_grader(cfg.grader_timeout_s, cfg.grader), accelerator=run.accelerator,
         )
 
 
@@ -337,7 +337,7 @@ def setup(cfg: TrainConfig) -> Run:
     samples = SampleWriter(run_dir, cfg.log.samples_per_step,
                            enabled=accelerator.is_main_process, resume_step=start_step)
     experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
-                                  grader_timeout_s=cfg.grader_timeout_s,
+                                  grader_timeout_s=cfg.grader_timeout_s, grader=cfg.grader,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
                                   uniform_zero=cfg.advantage.uniform_zero,
                                   teacher=cfg.teacher)
