@@ -88,6 +88,18 @@ class _Verdicts:
     rewards: list[float]  # [N] TRL's weighted reward sum
 
 
+def apply_pixel_limits(processing_class, args: CEPOConfig) -> None:
+    """A VLM's processor resizes every image to the configured pixel range, set once here so
+    TRL's generation and the teacher scoring see the same visual tokens. Text models: nothing."""
+    if not hasattr(processing_class, "image_processor"):
+        return
+    try:
+        set_image_pixels(processing_class, args.cepo_min_pixels, args.cepo_max_pixels)
+    except TypeError as err:
+        raise ValueError(f"{err}; pass cepo_min_pixels=None and cepo_max_pixels=None to keep "
+                         "this processor's own image sizes") from None
+
+
 class CEPOGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with CEPO per-token advantages. Arguments are GRPOTrainer's; ``args``
     must be a `CEPOConfig` and the train dataset needs the column ``args.cepo_answer_column``."""
@@ -127,9 +139,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
         if self.args.cepo_teacher_model == "base" and not hasattr(model, "disable_adapter"):
             raise ValueError("cepo_teacher_model='base' needs a PEFT model (adapters to disable); "
                              "pass peft_config or use cepo_teacher_model='actor'")
-        if hasattr(self.processing_class, "image_processor"):  # a VLM: set its image sizes once,
-            set_image_pixels(self.processing_class,  # so generation and scoring agree
-                             self.args.cepo_min_pixels, self.args.cepo_max_pixels)
+        apply_pixel_limits(self.processing_class, self.args)
         config = model.config
         self._cepo_placeholders = [t for t in (getattr(config, "image_token_id", None),
                                                getattr(config, "video_token_id", None),

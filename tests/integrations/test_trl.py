@@ -224,6 +224,19 @@ def test_config_rejects_bad_values(tmp_path, field, value):
         _args(tmp_path, **{field: value})
 
 
+def test_pixel_limits_on_processors_without_them(tmp_path):
+    from types import SimpleNamespace
+
+    from cepo_kernels.integrations.trl import apply_pixel_limits
+
+    clip_like = SimpleNamespace(image_processor=SimpleNamespace(size={"shortest_edge": 336}))
+    with pytest.raises(ValueError, match="cepo_min_pixels=None and cepo_max_pixels=None"):
+        apply_pixel_limits(clip_like, _args(tmp_path))
+    apply_pixel_limits(clip_like, _args(tmp_path, cepo_min_pixels=None, cepo_max_pixels=None))
+    assert clip_like.image_processor.size == {"shortest_edge": 336}  # left as it is
+    apply_pixel_limits(SimpleNamespace(), _args(tmp_path))  # a tokenizer: nothing to set
+
+
 def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path):
     rlsd = _args(tmp_path, cepo_algo="rlsd", cepo_lambda_warmup=25)
     assert (rlsd.cepo_eps_w, rlsd.cepo_lambda_offset) == (0.2, 1)
