@@ -89,9 +89,10 @@ class DataConfig:
     val: str | None = None  # validation source; None: the training source
     val_split: str = "test"  # the paper validates on Geo3k test (601)
     val_limit: int | None = None  # validate on the first N examples only
-    # Every image is resized to between min_pixels and max_pixels (the reference's values), in
-    # rollouts, scoring, updates, validation and cepo.eval alike; None keeps the processor's own.
-    min_pixels: int | None = 262_144  # 512 × 512: a 300×200 figure becomes 280 visual tokens
+    # Every image is first resized to between min_pixels and max_pixels, as the reference's
+    # dataset does, then by the processor's own rule; the same in rollouts, scoring, updates,
+    # validation and cepo.eval. None: no bound on that side.
+    min_pixels: int | None = 262_144  # 512 × 512: a 300×200 figure gets 260 visual tokens
     max_pixels: int | None = 4_194_304  # 2048 × 2048
 
     def __post_init__(self):
@@ -310,8 +311,8 @@ OFFLINE_DEFAULT: dict[str, Any] = {
     "model.gradient_checkpointing": False,
     "data.train": "synthetic",
     "data.val_split": "val",
-    # the tiny model's own small images (64×64 → 4 visual tokens); at the paper's 262,144-pixel
-    # minimum each synthetic 64×64 image would become 256 visual tokens
+    # the tiny model's own small images (64×64, 4 visual tokens); a Qwen3-VL processor at the
+    # paper's 262,144-pixel minimum would make each synthetic image 256 visual tokens
     "data.min_pixels": None,
     "data.max_pixels": None,
     "rollout.group_size": 8,

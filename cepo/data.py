@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -72,6 +73,46 @@ class EncodedPrompt:
         return Prefix(self.blind_ids, torch.zeros_like(self.blind_ids, dtype=torch.int32))
 
 
+# --------------------------------------------------------------------------- image sizes
+
+PIXEL_RANGE_ATTR = "cepo_pixel_range"  # (min, max) on the processor; not saved with it
+
+
+def set_image_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Make `encode_prompt` resize every image to between `min_pixels` and `max_pixels` before
+    `processor` sees it (`fit_pixels`; None: no bound on that side).
+
+    Set once on the processor, so every path that encodes prompts with it (rollouts, teacher
+    scoring, updates, validation, evaluation) gets the same images and visual tokens.
+    """
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if None not in (min_pixels, max_pixels) and min_pixels > max_pixels:
+        raise ValueError(f"need min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    setattr(processor, PIXEL_RANGE_ATTR, (min_pixels, max_pixels))
+
+
+def fit_pixels(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """`image` scaled (aspect kept, sides truncated to whole pixels) to at most `max_pixels`,
+    then to at least `min_pixels`, in RGB: the reference code's dataset resize. The processor's
+    own resize (sides to multiples of patch × merge) runs after it, as in the reference, so a
+    300×200 figure becomes 627×418 here and 640×416 = 260 visual tokens in a Qwen3-VL processor.
+    Without bounds the image is returned unchanged."""
+    if min_pixels is None and max_pixels is None:
+        return image
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image = _scale(image, math.sqrt(max_pixels / (image.width * image.height)))
+    if min_pixels is not None and image.width * image.height < min_pixels:
+        image = _scale(image, math.sqrt(min_pixels / (image.width * image.height)))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scale(image: Image.Image, factor: float) -> Image.Image:
+    size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
+    return image.resize(size)  # PIL's default filter, as the reference
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -101,7 +142,8 @@ def prompt_text(processor, example: Example, *, with_images: bool = True) -> str
 
 def encode_prompt(processor, example: Example) -> EncodedPrompt:
     """Tokenise one example with its images (and its image-blind form, for blind teachers)."""
-    images = list(example.images) or None
+    low, high = getattr(processor, PIXEL_RANGE_ATTR, (None, None))
+    images = [fit_pixels(image, low, high) for image in example.images] or None
     enc = processor(text=[prompt_text(processor, example)], images=images, return_tensors="pt")
     ids = enc["input_ids"][0]
     mm = enc.get("mm_token_type_ids")

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from cepo.batch import ModelInputs
+from cepo.data import set_image_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def load_processor(
     """The checkpoint's processor: stock `AutoProcessor` when torchvision imports, else image-only.
 
     Either way the tokenizer is set to left padding (generation and teacher batches need it), and
-    images are resized to between `min_pixels` and `max_pixels` (None: the checkpoint's value),
-    see `set_image_pixels`.
+    every image is first resized to between `min_pixels` and `max_pixels` as the reference does
+    (`cepo.data.set_image_pixels`; None: no bound), then by the processor's own rule.
     """
     global _FALLBACK_ANNOUNCED
     path = resolve_checkpoint(name_or_path)
@@ -116,34 +117,6 @@ def load_processor(
     processor.tokenizer.padding_side = "left"
     set_image_pixels(processor, min_pixels, max_pixels)
     return processor
-
-
-def set_image_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Make `processor` resize every image to between `min_pixels` and `max_pixels` pixels.
-
-    Set once on the processor's image processor (its ``size`` shortest/longest edge, read by
-    `smart_resize`), so every path that encodes images with this processor (rollouts, teacher
-    scoring, updates, validation, evaluation, TRL's generation) gets the same visual tokens. None
-    keeps the checkpoint's value.
-    """
-    if min_pixels is None and max_pixels is None:
-        return
-    image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None)
-    if size is None or "shortest_edge" not in size or "longest_edge" not in size:
-        raise TypeError(
-            f"cannot set min_pixels/max_pixels on {type(image_processor).__name__}: its size "
-            f"{size!r} has no shortest_edge/longest_edge (a Qwen-VL image processor has them)"
-        )
-    low = size["shortest_edge"] if min_pixels is None else int(min_pixels)
-    high = size["longest_edge"] if max_pixels is None else int(max_pixels)
-    if not 1 <= low <= high:
-        raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {low} and {high}")
-    values = {"shortest_edge": low, "longest_edge": high}
-    image_processor.size = type(size)(**values) if not isinstance(size, dict) else values
-    for attr, value in (("min_pixels", low), ("max_pixels", high)):  # older transformers read these
-        if getattr(image_processor, attr, None) is not None:
-            setattr(image_processor, attr, value)
 
 
 def default_device() -> torch.device:

@@ -38,11 +38,13 @@ import torch
 import trl
 from accelerate.utils import gather, gather_object
 from packaging.version import Version
+from PIL import Image
 from trl import GRPOTrainer
 
 from cepo.batch import collate
+from cepo.data import fit_pixels
 from cepo.grading import Grader, extract_boxed
-from cepo.models import output_head, set_image_pixels
+from cepo.models import output_head
 from cepo.teachers import select_wrong_answers
 from cepo_kernels import contrastive_evidence
 
@@ -88,16 +90,38 @@ class _Verdicts:
     rewards: list[float]  # [N] TRL's weighted reward sum
 
 
-def apply_pixel_limits(processing_class, args: CEPOConfig) -> None:
-    """A VLM's processor resizes every image to the configured pixel range, set once here so
-    TRL's generation and the teacher scoring see the same visual tokens. Text models: nothing."""
-    if not hasattr(processing_class, "image_processor"):
-        return
-    try:
-        set_image_pixels(processing_class, args.cepo_min_pixels, args.cepo_max_pixels)
-    except TypeError as err:
-        raise ValueError(f"{err}; pass cepo_min_pixels=None and cepo_max_pixels=None to keep "
-                         "this processor's own image sizes") from None
+def fit_input_images(inputs: list[dict], min_pixels: int | None, max_pixels: int | None
+                     ) -> list[dict]:
+    """TRL generation inputs with every image resized as the reference does (`fit_pixels`):
+    the ``images`` / ``image`` columns and image parts of conversational prompts. New dicts and
+    lists; the dataset's own examples are left untouched."""
+    if min_pixels is None and max_pixels is None:
+        return inputs
+
+    def fit(image):
+        return fit_pixels(image, min_pixels, max_pixels) if isinstance(image, Image.Image) \
+            else image
+
+    def fit_prompt(prompt):
+        if not isinstance(prompt, list):
+            return prompt
+        return [{**m, "content": [{**p, "image": fit(p["image"])}
+                                  if isinstance(p, dict) and "image" in p else p
+                                  for p in m["content"]]}
+                if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                for m in prompt]
+
+    out = []
+    for example in inputs:
+        example = dict(example)
+        if isinstance(example.get("images"), list):
+            example["images"] = [fit(image) for image in example["images"]]
+        if example.get("image") is not None:
+            example["image"] = fit(example["image"])
+        if "prompt" in example:
+            example["prompt"] = fit_prompt(example["prompt"])
+        out.append(example)
+    return out
 
 
 class CEPOGRPOTrainer(GRPOTrainer):
@@ -139,7 +163,6 @@ class CEPOGRPOTrainer(GRPOTrainer):
         if self.args.cepo_teacher_model == "base" and not hasattr(model, "disable_adapter"):
             raise ValueError("cepo_teacher_model='base' needs a PEFT model (adapters to disable); "
                              "pass peft_config or use cepo_teacher_model='actor'")
-        apply_pixel_limits(self.processing_class, self.args)
         config = model.config
         self._cepo_placeholders = [t for t in (getattr(config, "image_token_id", None),
                                                getattr(config, "video_token_id", None),
@@ -190,6 +213,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        # images resized before TRL's processor sees them: generation and teachers agree
+        inputs = fit_input_images(inputs, self.args.cepo_min_pixels, self.args.cepo_max_pixels)
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out

@@ -71,12 +71,12 @@ class CEPOConfig(GRPOConfig):
         "help": "Teachers see the prompt's images; False: image-blind teachers as in the "
                 "reference code (the image's tokens become pad tokens, no pixels)."})
     cepo_min_pixels: int | None = field(default=262_144, metadata={
-        "help": "VLMs: every image is resized to at least this many pixels (the reference's "
-                "value); set on the processor once, so generation and scoring agree. None: the "
-                "processor's own."})
+        "help": "VLMs: every image is first resized to at least this many pixels, as the "
+                "reference's dataset does (then by the processor's own rule), before generation, "
+                "so generation and scoring see the same image. None: no lower bound."})
     cepo_max_pixels: int | None = field(default=4_194_304, metadata={
-        "help": "VLMs: every image is resized to at most this many pixels. None: the "
-                "processor's own."})
+        "help": "VLMs: every image is first resized to at most this many pixels. None: no "
+                "upper bound."})
     cepo_hint_template: str = field(default=" {answer}", metadata={
         "help": "Text inserted between the prompt and the response; must contain '{answer}'."})
     cepo_answer_column: str = field(default="answer", metadata={

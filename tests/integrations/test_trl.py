@@ -224,17 +224,22 @@ def test_config_rejects_bad_values(tmp_path, field, value):
         _args(tmp_path, **{field: value})
 
 
-def test_pixel_limits_on_processors_without_them(tmp_path):
-    from types import SimpleNamespace
+def test_input_images_are_resized_as_the_reference_before_generation():
+    from PIL import Image
 
-    from cepo_kernels.integrations.trl import apply_pixel_limits
+    from cepo_kernels.integrations.trl import fit_input_images
 
-    clip_like = SimpleNamespace(image_processor=SimpleNamespace(size={"shortest_edge": 336}))
-    with pytest.raises(ValueError, match="cepo_min_pixels=None and cepo_max_pixels=None"):
-        apply_pixel_limits(clip_like, _args(tmp_path))
-    apply_pixel_limits(clip_like, _args(tmp_path, cepo_min_pixels=None, cepo_max_pixels=None))
-    assert clip_like.image_processor.size == {"shortest_edge": 336}  # left as it is
-    apply_pixel_limits(SimpleNamespace(), _args(tmp_path))  # a tokenizer: nothing to set
+    image = Image.new("P", (300, 200))
+    inputs = [{"prompt": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": "x?"}]}],
+               "images": [image], "answer": "3"}, {"prompt": "text only", "image": image}]
+    out = fit_input_images(inputs, 262_144, 4_194_304)
+    assert out[0]["images"][0].size == (627, 418) and out[0]["images"][0].mode == "RGB"
+    assert out[0]["prompt"][0]["content"][0]["image"].size == (627, 418)
+    assert out[0]["prompt"][0]["content"][1] == {"type": "text", "text": "x?"}
+    assert out[1]["image"].size == (627, 418) and out[1]["prompt"] == "text only"
+    assert inputs[0]["images"][0] is image and out[0]["answer"] == "3"  # dataset untouched
+    assert fit_input_images(inputs, None, None) is inputs
 
 
 def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path):
@@ -381,12 +386,15 @@ def test_lambda_zero_or_eps_zero_is_trl_grpo(tmp_path, tiny_text_dir):
 
 
 def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
+    from transformers.image_utils import SizeDict
+
     from cepo.models import load_model, load_processor
 
     processor = load_processor(tiny_vl_dir)
+    processor.image_processor.size = SizeDict(shortest_edge=1024, longest_edge=128 * 128)
     # groups of 2: every batch holds two prompts with different images, so a row given the
     # wrong image's pixels would show in the alignment check
-    # pixel limits reach TRL's own encoding: the 64×64 images become 128×128 (16 tokens, not 4)
+    # the pixel range reaches TRL's generation: the 64×64 images become 128×128 (16 tokens)
     args = _args(tmp_path, max_completion_length=6, num_generations=2,
                  cepo_min_pixels=128 * 128, cepo_max_pixels=128 * 128)
     trainer = _train(RecordingCEPO, model=load_model(tiny_vl_dir, device="cpu"),
