@@ -232,7 +232,7 @@ class TrainConfig:
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     # math_verify; mathruler: the reference code's grader (pip install 'cepo[mathruler]')
-    grader: Literal["math_verify", "mathruler"] = "math_verify"
+    grader: Literal["math_verify", "mathruler"] = "math_verify"  # mathruler: the reference's grader
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)

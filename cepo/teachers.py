@@ -31,6 +31,7 @@ from cepo_kernels import contrastive_evidence, fused_linear_logprobs
 
 IGNORE_INDEX = -100
 NEG_CHOICES = ("worst", "most_frequent", "reference")
+NegChoice = Literal["worst", "most_frequent", "reference"]
 REFERENCE_THRESHOLD = 0.5  # the reference's "rejected": reward below this
 
 
@@ -41,10 +42,10 @@ class TeacherConfig:
     hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
     # False: image-blind as the reference's CEPO teachers (pads for the image); None: by algorithm,
     # False for cepo, True for rlsd (the reference's RLSD teacher sees the image)
-    teacher_images: bool | None = True
+    teacher_images: bool | None = True  # False: image-blind (reference); None: False for cepo
     # worst: lowest-reward rejected rollout with a boxed answer; most_frequent: the commonest
     # wrong answer; reference: the reference code's (lowest reward below 0.5, boxed or not)
-    neg_choice: Literal["worst", "most_frequent", "reference"] = "worst"
+    neg_choice: NegChoice = "worst"  # reference: the reference code's (unboxed allowed, " None")
     num_neg: int = 1  # K wrong answers; K > 1 mixes them as logmeanexp_k (extension)
     neg_fallback: Literal["student", "positive"] = "student"  # group without a usable r-
     teacher_model: Literal["actor", "base"] = "actor"  # "base": peft adapters disabled
@@ -75,7 +76,7 @@ def select_wrong_answers(
     rewards: Sequence[float],
     accuracy: Sequence[float],
     *,
-    choice: Literal["worst", "most_frequent", "reference"] = "worst",
+    choice: NegChoice = "worst",
     k: int = 1,
     texts: Sequence[str] | None = None,
 ) -> list[str]:
