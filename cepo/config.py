@@ -9,10 +9,10 @@ in layers, later ones winning:
       -> command-line overrides: ``--section.key value``, ``--section.key=value``, or ``--key``
          alone when that last part names one option only (``--lr``, ``--lam0``, ``--group_size``)
 
-then `finalize` fills the values that derive from others (the lr of the algorithm, `{algo}` in
-the output directory). The result is printed and saved with the run and every checkpoint.
-Unknown keys and invalid values stop the run at start-up with the key, the value received and
-what is allowed.
+then `finalize` fills the values that derive from others (the lr, ε_w, λ offset and teacher
+images of the algorithm, `{algo}` in the output directory). The result is printed and saved with
+the run and every checkpoint. Unknown keys and invalid values stop the run at start-up with the
+key, the value received and what is allowed.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from cepo.errors import ConfigError
-from cepo.grading import DEFAULT_BATCH_BUDGET_S
+from cepo.grading import DEFAULT_BATCH_BUDGET_S, check_grader
 from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
@@ -42,6 +42,12 @@ DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
 # cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
 MAX_SEED = 2**29 - 1
 MAX_GRADER_S = 3600.0  # an hour per answer or per batch is already far past any sane grading
+
+# The RLSD baseline as the reference's RLSD script runs it (the RLSD paper's ε_w is 0.2 too):
+# ε_w 0.2 and λ_k = 0.5·(1 − k/25), one step ahead of CEPO's schedule (used when None).
+DEFAULT_EPS_W = {"cepo": 0.5, "rlsd": 0.2, "grpo": 0.5}
+DEFAULT_LAM_OFFSET = {"cepo": 0, "rlsd": 1, "grpo": 0}
+
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -95,24 +101,45 @@ class DataConfig:
     val: str | None = None  # validation source; None: the training source
     val_split: str = "test"  # the paper validates on Geo3k test (601)
     val_limit: int | None = None  # validate on the first N examples only
+    # Every image is first resized to between min_pixels and max_pixels, as the reference's
+    # dataset does, then by the processor's own rule; the same in rollouts, scoring, updates,
+    # validation and cepo.eval. None: no bound on that side.
+    min_pixels: int | None = 262_144  # 512 × 512: a 300×200 figure gets 260 visual tokens
+    max_pixels: int | None = 4_194_304  # 2048 × 2048
 
     def __post_init__(self):
         for key in ("train_limit", "val_limit"):
             value = getattr(self, key)
             _require(value is None or value >= 1, f"data.{key}", value, "None or an integer >= 1")
+        for key in ("min_pixels", "max_pixels"):
+            value = getattr(self, key)
+            _require(value is None or value >= 1, f"data.{key}", value, "None or an integer >= 1")
+        if self.min_pixels is not None and self.max_pixels is not None:
+            _require(self.min_pixels <= self.max_pixels, "data.min_pixels", self.min_pixels,
+                     f"at most data.max_pixels={self.max_pixels}")
 
 
 @dataclass(frozen=True)
 class CEPOSettings:
     lam0: float = 0.5  # λ at step 1 (SPEC §4)
     lam_warmup_steps: int = 25  # T_warm: λ falls linearly to 0 at step T_warm + 1; 0: constant
-    eps_w: float = 0.5  # weight clip ε_w; the reference scripts use 0.2
+    # λ_k = λ0·max(0, 1 − (k − 1 + lam_offset)/T_warm): rlsd's 1 starts at 0.48, ends a step early
+    lam_offset: int | None = None  # None: 0 (cepo, grpo), 1 (rlsd, the reference RLSD script)
+    eps_w: float | None = None  # weight clip ε_w; None: 0.5 (cepo), 0.2 (rlsd); reference 0.2
 
     def __post_init__(self):
         _require(0 <= self.lam0 <= 1, "cepo.lam0", self.lam0, "a number in [0, 1]")
         _require(self.lam_warmup_steps >= 0, "cepo.lam_warmup_steps", self.lam_warmup_steps,
                  "an integer >= 0")
-        _require(0 <= self.eps_w < 1, "cepo.eps_w", self.eps_w, "a number in [0, 1)")
+        _require(self.eps_w is None or 0 <= self.eps_w < 1, "cepo.eps_w", self.eps_w,
+                 "None or a number in [0, 1)")
+        _require(self.lam_offset is None or self.lam_offset >= 0, "cepo.lam_offset",
+                 self.lam_offset, "None or an integer >= 0")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    uniform_zero: bool = True  # all-equal groups get A = 0 exactly; False: the reference's tiny A
 
 
 @dataclass(frozen=True)
@@ -222,12 +249,15 @@ class TrainConfig:
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step; then 0s
+    # math_verify; mathruler: the reference code's grader (pip install 'cepo[mathruler]')
+    grader: Literal["math_verify", "mathruler"] = "math_verify"  # mathruler: the reference's grader
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cepo: CEPOSettings = field(default_factory=CEPOSettings)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     val: ValConfig = field(default_factory=ValConfig)
@@ -252,6 +282,10 @@ class TrainConfig:
         _require(self.lr * self.optim.weight_decay < 1, "optim.weight_decay",
                  self.optim.weight_decay, f"less than 1 / lr = {1 / self.lr:.3g} (AdamW scales "
                  "weights by 1 - lr * weight_decay each step)")
+        try:
+            check_grader(self.grader)
+        except (ImportError, ValueError) as err:
+            raise ConfigError(f"grader={self.grader!r}: {err}") from None
         _require(self.sharding != "fsdp" or self.mixed_precision != "fp16", "mixed_precision",
                  self.mixed_precision, "'no' or 'bf16' with sharding=fsdp (fp16 needs loss "
                  "scaling, which the FSDP path does not do)")
@@ -267,12 +301,17 @@ class TrainConfig:
 
 def paper() -> TrainConfig:
     """SPEC §7, paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8, LoRA r16/α32,
-    cosine lr with 5 warm-up steps, ε_w 0.5."""
+    cosine lr with 5 warm-up steps, ε_w 0.5 (the RLSD baseline: ε_w 0.2, λ_k = 0.5·(1 − k/25)),
+    images of 262,144 to 4,194,304 pixels."""
     return TrainConfig()
 
 
 def reference() -> TrainConfig:
-    """SPEC §7, reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2."""
+    """SPEC §7, reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2, and the
+    reference code's own choices where they differ from the paper: r- chosen as it does (lowest
+    reward below 0.5, unboxed allowed, so the hint can be " None"), r- = r+ for a group without
+    one, image-blind teachers (pads for the image), and its group std (uniform groups keep the
+    tiny A that rounding leaves)."""
     cfg = paper()
     return dataclasses.replace(
         cfg,
@@ -280,6 +319,9 @@ def reference() -> TrainConfig:
         lora=dataclasses.replace(cfg.lora, alpha=64.0),
         optim=dataclasses.replace(cfg.optim, schedule="constant", warmup_steps=0),
         cepo=dataclasses.replace(cfg.cepo, eps_w=0.2),
+        teacher=dataclasses.replace(cfg.teacher, neg_choice="reference", neg_fallback="positive",
+                                    teacher_images=None),  # by algorithm, see finalize
+        advantage=dataclasses.replace(cfg.advantage, uniform_zero=False),
     )
 
 
@@ -298,6 +340,10 @@ OFFLINE_DEFAULT: dict[str, Any] = {
     "model.gradient_checkpointing": False,
     "data.train": "synthetic",
     "data.val_split": "val",
+    # the tiny model's own small images (64×64, 4 visual tokens); a Qwen3-VL processor at the
+    # paper's 262,144-pixel minimum would make each synthetic image 256 visual tokens
+    "data.min_pixels": None,
+    "data.max_pixels": None,
     "rollout.group_size": 8,
     "rollout.max_new_tokens": 16,
     "teacher.micro_batch_size": 32,
@@ -497,15 +543,28 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def finalize(cfg: TrainConfig) -> TrainConfig:
-    """Fill the derived values: lr by algorithm, {preset}/{algo} in output_dir."""
+    """Fill the derived values: lr, ε_w, λ offset and teacher images by algorithm, {preset}/{algo}
+    in output_dir."""
     try:
         output_dir = cfg.output_dir.format(preset=cfg.preset, algo=cfg.algo)
     except (KeyError, IndexError, ValueError, AttributeError) as err:
         raise ConfigError(f"output_dir={cfg.output_dir!r} is not allowed: only {{preset}} and "
                           f"{{algo}} are filled in (write {{{{ }}}} for a literal brace); "
                           f"{type(err).__name__}: {err}") from None
+    eps_w, offset = cfg.cepo.eps_w, cfg.cepo.lam_offset
+    images = cfg.teacher.teacher_images
     return dataclasses.replace(
-        cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.lr), output_dir=output_dir
+        cfg,
+        teacher=dataclasses.replace(
+            cfg.teacher, teacher_images=cfg.algo != "cepo" if images is None else images
+        ),
+        optim=dataclasses.replace(cfg.optim, lr=cfg.lr),
+        cepo=dataclasses.replace(
+            cfg.cepo,
+            eps_w=DEFAULT_EPS_W[cfg.algo] if eps_w is None else eps_w,
+            lam_offset=DEFAULT_LAM_OFFSET[cfg.algo] if offset is None else offset,
+        ),
+        output_dir=output_dir,
     )
 
 

@@ -18,6 +18,7 @@ template with the assistant header appended.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -57,16 +58,61 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor  # [L] int32: 1 on image placeholder tokens
     pixel_values: torch.Tensor | None  # [P, C] patches of this prompt's images
     image_grid_thw: torch.Tensor | None  # [I, 3]
-    text_only_ids: torch.Tensor  # [L'] the same prompt with the images left out
+    blind_ids: torch.Tensor  # [L] input_ids with every image placeholder token set to the pad
     example: Example
 
     def prefix(self, *, with_images: bool = True) -> Prefix:
-        """This prompt as a batch row; `with_images=False` gives the image-free rendering."""
+        """This prompt as a batch row; `with_images=False` gives the image-blind rendering.
+
+        Image-blind is the reference code's teacher layout: the vision block stays, as
+        ``<|vision_start|>`` + N × pad (``<|endoftext|>``) + ``<|vision_end|>`` with N the image's
+        token count, attended like text, with text (sequential) positions and no pixels.
+        """
         if with_images:
             return Prefix(
                 self.input_ids, self.mm_token_type_ids, self.pixel_values, self.image_grid_thw
             )
-        return Prefix(self.text_only_ids, torch.zeros_like(self.text_only_ids, dtype=torch.int32))
+        return Prefix(self.blind_ids, torch.zeros_like(self.blind_ids, dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- image sizes
+
+PIXEL_RANGE_ATTR = "cepo_pixel_range"  # (min, max) on the processor; not saved with it
+
+
+def set_image_pixels(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Make `encode_prompt` resize every image to between `min_pixels` and `max_pixels` before
+    `processor` sees it (`fit_pixels`; None: no bound on that side).
+
+    Set once on the processor, so every path that encodes prompts with it (rollouts, teacher
+    scoring, updates, validation, evaluation) gets the same images and visual tokens.
+    """
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if None not in (min_pixels, max_pixels) and min_pixels > max_pixels:
+        raise ValueError(f"need min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    setattr(processor, PIXEL_RANGE_ATTR, (min_pixels, max_pixels))
+
+
+def fit_pixels(image: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """`image` scaled (aspect kept, sides truncated to whole pixels) to at most `max_pixels`,
+    then to at least `min_pixels`, in RGB: the reference code's dataset resize. The processor's
+    own resize (sides to multiples of patch × merge) runs after it, as in the reference, so a
+    300×200 figure becomes 627×418 here and 640×416 = 260 visual tokens in a Qwen3-VL processor.
+    Without bounds the image is returned unchanged."""
+    if min_pixels is None and max_pixels is None:
+        return image
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        image = _scale(image, math.sqrt(max_pixels / (image.width * image.height)))
+    if min_pixels is not None and image.width * image.height < min_pixels:
+        image = _scale(image, math.sqrt(min_pixels / (image.width * image.height)))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scale(image: Image.Image, factor: float) -> Image.Image:
+    size = (max(1, int(image.width * factor)), max(1, int(image.height * factor)))
+    return image.resize(size)  # PIL's default filter, as the reference
 
 
 # --------------------------------------------------------------------------- prompts
@@ -97,22 +143,24 @@ def prompt_text(processor, example: Example, *, with_images: bool = True) -> str
 
 
 def encode_prompt(processor, example: Example) -> EncodedPrompt:
-    """Tokenise one example with its images (and once more without, for image-blind teachers)."""
-    images = list(example.images) or None
+    """Tokenise one example with its images (and its image-blind form, for blind teachers)."""
+    low, high = getattr(processor, PIXEL_RANGE_ATTR, (None, None))
+    images = [fit_pixels(image, low, high) for image in example.images] or None
     enc = processor(text=[prompt_text(processor, example)], images=images, return_tensors="pt")
     ids = enc["input_ids"][0]
     mm = enc.get("mm_token_type_ids")
     if mm is None:  # processors other than Qwen's: mark the image placeholder tokens ourselves
         mm = (ids == processor.image_token_id).long()[None]
-    text_only = processor.tokenizer(
-        prompt_text(processor, example, with_images=False), add_special_tokens=False
-    )["input_ids"]
+    placeholders = mm[0] != 0
+    pad = processor.tokenizer.pad_token_id
+    if pad is None and bool(placeholders.any()):
+        raise ValueError("the tokenizer has no pad token: the image-blind prompt needs one")
     return EncodedPrompt(
         input_ids=ids.long(),
         mm_token_type_ids=mm[0].to(torch.int32),
         pixel_values=enc.get("pixel_values"),
         image_grid_thw=enc.get("image_grid_thw"),
-        text_only_ids=torch.tensor(text_only, dtype=torch.long),
+        blind_ids=ids.long().masked_fill(placeholders, pad if pad is not None else 0),
         example=example,
     )
 

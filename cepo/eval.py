@@ -86,6 +86,18 @@ def evaluate(
     }
 
 
+_RUN = object()  # default of --min_pixels / --max_pixels: the run's value
+
+
+def _pixels(text: str) -> int | None:
+    if text.lower() in ("none", "null"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a pixel count must be >= 1 (or none), got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog="python -m cepo.eval",
@@ -105,6 +117,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, help="CPU threads (default: the run's)")
     parser.add_argument("--output", help="JSON file for the results")
+    parser.add_argument("--min_pixels", type=_pixels, default=_RUN,
+                        help="images resized to at least this many pixels (default: the run's "
+                        "data.min_pixels, or the paper preset's; none: the processor's own)")
+    parser.add_argument("--max_pixels", type=_pixels, default=_RUN,
+                        help="images resized to at most this many pixels (default: as above)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -138,7 +155,9 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         torch.set_num_threads(threads)
     # processor and data before the model: what is missing is said before the slow part
     name = args.model or cfg.model.name
-    processor = load_processor(name)
+    low = cfg.data.min_pixels if args.min_pixels is _RUN else args.min_pixels
+    high = cfg.data.max_pixels if args.max_pixels is _RUN else args.max_pixels
+    processor = load_processor(name, min_pixels=low, max_pixels=high)  # the run's image sizes
     source = args.data or cfg.data.val or cfg.data.train
     split = args.split or cfg.data.val_split
     limit = args.limit or (cfg.data.val_limit if not args.split else None)
@@ -154,7 +173,8 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     else:
         model = load_model(args.model, device=device)
     torch.manual_seed(args.seed)
-    grader = Grader(timeout_s=cfg.grader_timeout_s, batch_budget_s=cfg.grader_batch_budget_s)
+    grader = Grader(timeout_s=cfg.grader_timeout_s, batch_budget_s=cfg.grader_batch_budget_s,
+                    backend=cfg.grader)
     try:
         result = evaluate(
             model, processor, examples,

@@ -20,7 +20,7 @@ import torch
 
 from cepo.advantages import group_advantages, mixed_groups
 from cepo.data import Example, encode_prompts
-from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader
+from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader, check_grader
 from cepo.reward import Rewards, compute_rewards
 from cepo.rollout import HFRolloutEngine, RolloutConfig, RolloutEngine, Rollouts
 from cepo.teachers import (
@@ -40,7 +40,9 @@ class ExperienceConfig:
     eps_w: float = 0.5
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
+    grader: str = "math_verify"  # or "mathruler" (the reference code's grader)
     kernel_backend: str = "auto"  # cepo_kernels backend: "auto" | "triton" | "torch"
+    uniform_zero: bool = True  # all-equal groups get A = 0 exactly (False: the reference's A)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -49,6 +51,7 @@ class ExperienceConfig:
             raise ValueError(f"algo must be 'cepo', 'rlsd' or 'grpo', got {self.algo!r}")
         if not 0.0 <= self.eps_w < 1.0:
             raise ValueError(f"eps_w must lie in [0, 1), got {self.eps_w}")
+        check_grader(self.grader)
 
 
 @dataclass
@@ -77,9 +80,9 @@ class Experience:
 
 
 @functools.lru_cache(maxsize=None)
-def default_grader(timeout_s: float) -> Grader:
-    """One grader per time limit per process, so its child starts once per run, not per step."""
-    return Grader(timeout_s=timeout_s)
+def default_grader(timeout_s: float, backend: str = "math_verify") -> Grader:
+    """One grader per time limit and backend per process, so its child starts once per run."""
+    return Grader(timeout_s=timeout_s, backend=backend)
 
 
 def make_experience(
@@ -106,7 +109,7 @@ def make_experience(
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
     engine = engine or HFRolloutEngine(model, processor)
-    grader = grader or default_grader(config.grader_timeout_s)
+    grader = grader or default_grader(config.grader_timeout_s, config.grader)
     timings = {}
 
     clock = time.perf_counter()
@@ -125,7 +128,9 @@ def make_experience(
     timeouts_before, skipped_before = grader.timeouts, grader.skipped
     rewards = compute_rewards(rollouts.texts, rollouts.ground_truths(), grader,
                               budget_s=config.grader_batch_budget_s)
-    advantages = group_advantages(rewards.reward, rollouts.group_size)  # [N]
+    advantages = group_advantages(  # [N]
+        rewards.reward, rollouts.group_size, uniform_zero=config.uniform_zero
+    )
     timings["time/reward"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

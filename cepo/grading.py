@@ -11,6 +11,10 @@ batch has a budget too (`Grader.batch_budget_s`): once it is spent, the answers 
 scored 0 without grading and counted (`Grader.skipped`), so one step cannot take
 answers x limit.
 
+``backend="mathruler"`` grades with mathruler's `grade_answer` instead (the reference code's
+grader; an optional extra, ``pip install 'cepo[mathruler]'``), in the same child, with the same
+limit, and without the exact-match shortcut, so its verdicts are mathruler's own.
+
 This module must not import torch: the child runs ``python -m cepo.grading`` and should start in
 about a second.
 """
@@ -34,6 +38,7 @@ _STARTUP_TIMEOUT_S = 120.0
 DEFAULT_BATCH_BUDGET_S = 120.0  # math-verify time per graded batch, over all its answers
 _BOXED = re.compile(r"\\boxed\s*\{")
 _BRACES = re.compile(r"[{}]")
+GRADERS = ("math_verify", "mathruler")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -87,6 +92,28 @@ def _math_verify_equal(answer: str, ground_truth: str, timeout_s: int) -> bool:
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
+def _mathruler_equal(answer: str, ground_truth: str) -> bool:
+    """mathruler's verdict (the reference code's grader). Runs inside the child process."""
+    from mathruler.grader import grade_answer
+
+    return bool(grade_answer(answer, ground_truth))
+
+
+def check_grader(backend: str) -> None:
+    """Refuse an unknown grader, or mathruler when it is not installed, before any work."""
+    if backend not in GRADERS:
+        raise ValueError(f"grader must be one of {', '.join(GRADERS)}, got {backend!r}")
+    if backend == "mathruler":
+        import importlib.util
+
+        missing = [m for m in ("mathruler", "pylatexenc") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"grader 'mathruler' needs {' and '.join(missing)}: pip install 'cepo[mathruler]' "
+                "(or use grader=math_verify)"
+            )
+
+
 class Grader:
     """Grades (answer, ground truth) pairs; math-verify runs in a child with a per-pair deadline
     and a per-batch budget.
@@ -94,10 +121,13 @@ class Grader:
     The child starts on first use and is reused; `close()` (also registered at exit) ends it.
     """
 
-    def __init__(self, timeout_s: float = 5.0, batch_budget_s: float = DEFAULT_BATCH_BUDGET_S):
+    def __init__(self, timeout_s: float = 5.0, batch_budget_s: float = DEFAULT_BATCH_BUDGET_S,
+                 *, backend: str = "math_verify"):
         for name, value in (("timeout_s", timeout_s), ("batch_budget_s", batch_budget_s)):
             if not 0 < value < float("inf"):  # also refuses NaN
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        check_grader(backend)
+        self.backend = backend
         self.timeout_s = timeout_s
         self.batch_budget_s = batch_budget_s
         self.timeouts = 0  # pairs that ran past the limit, over the grader's lifetime
@@ -120,7 +150,9 @@ class Grader:
         for answer, truth in pairs:
             if answer is None or not answer.strip():
                 results.append(False)
-            elif normalize_answer(answer) == normalize_answer(truth):
+            elif self.backend == "math_verify" and normalize_answer(answer) == normalize_answer(
+                truth
+            ):
                 results.append(True)
             else:
                 results.append(None)  # needs math-verify
@@ -180,7 +212,8 @@ class Grader:
         root = str(Path(__file__).resolve().parents[1])  # so `-m cepo.grading` finds this package
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cepo.grading", "--worker", str(max(1, int(self.timeout_s)))],
+            [sys.executable, "-m", "cepo.grading", "--worker", str(max(1, int(self.timeout_s))),
+             self.backend],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -213,17 +246,26 @@ class Grader:
             self._proc = None
 
 
-def _worker(timeout_s: int) -> None:
+def _worker(timeout_s: int, backend: str = "math_verify") -> None:
     """Child loop: one JSON request per stdin line, one ``{"equal": bool}`` per stdout line."""
     logging.disable(logging.WARNING)  # math-verify logs parse failures; the parent reads stdout
-    import math_verify  # noqa: F401 - import before saying ready
+    if backend == "mathruler":
+        import mathruler.grader  # noqa: F401 - import before saying ready
+
+        def equal_fn(answer, truth):
+            return _mathruler_equal(answer, truth)
+    else:
+        import math_verify  # noqa: F401 - import before saying ready
+
+        def equal_fn(answer, truth):
+            return _math_verify_equal(answer, truth, timeout_s)
 
     sys.stdout.write(json.dumps({"ready": True}) + "\n")
     sys.stdout.flush()
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            equal = _math_verify_equal(request["answer"], request["truth"], timeout_s)
+            equal = equal_fn(request["answer"], request["truth"])
         except Exception:  # noqa: BLE001 - a grader error means "not shown equal"
             equal = False
         sys.stdout.write(json.dumps({"equal": equal}) + "\n")
@@ -231,7 +273,7 @@ def _worker(timeout_s: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]))
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), *sys.argv[3:])
     else:
-        sys.exit("usage: python -m cepo.grading --worker TIMEOUT_SECONDS")
+        sys.exit("usage: python -m cepo.grading --worker TIMEOUT_SECONDS [math_verify|mathruler]")

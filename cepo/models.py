@@ -29,6 +29,7 @@ from transformers import (
 
 from cepo.batch import ModelInputs
 from cepo.errors import NotAvailable
+from cepo.data import set_image_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,14 @@ def resolve_checkpoint(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_processor(name_or_path: str, **kwargs):
+def load_processor(
+    name_or_path: str, *, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs
+):
     """The checkpoint's processor: stock `AutoProcessor` when torchvision imports, else image-only.
 
-    Either way the tokenizer is set to left padding (generation and teacher batches need it).
+    Either way the tokenizer is set to left padding (generation and teacher batches need it), and
+    every image is first resized to between `min_pixels` and `max_pixels` as the reference does
+    (`cepo.data.set_image_pixels`; None: no bound), then by the processor's own rule.
     """
     global _FALLBACK_ANNOUNCED
     path = resolve_checkpoint(name_or_path)
@@ -114,6 +119,7 @@ def load_processor(name_or_path: str, **kwargs):
             "with a tokenizer and an image processor"
         )
     processor.tokenizer.padding_side = "left"
+    set_image_pixels(processor, min_pixels, max_pixels)
     return processor
 
 

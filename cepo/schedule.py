@@ -3,7 +3,7 @@
 Deriving them from the step (nothing stateful) is what makes ``--resume`` continue exactly: a run
 resumed at step k sets the same λ and lr as an uninterrupted one, without scheduler state.
 
-    λ_k  = λ0 · max(0, 1 − (k − 1)/T_warm)                         SPEC §4
+    λ_k  = λ0 · max(0, 1 − (k − 1 + s)/T_warm)      s = 0 (CEPO), 1 (the reference RLSD script)
     lr_k = lr · k/W                                        k ≤ W (linear warm-up, W steps)
          = lr · [m + (1 − m) · ½(1 + cos(π (k − W − 1)/(K − W)))]   cosine, K = total steps
          = lr                                                   constant
@@ -17,13 +17,19 @@ from __future__ import annotations
 import math
 
 
-def lam_at(step: int, lam0: float, warmup_steps: int) -> float:
-    """λ of training step `step` (1-based). `warmup_steps` (T_warm) = 0 keeps λ0 throughout."""
+def lam_at(step: int, lam0: float, warmup_steps: int, offset: int = 0) -> float:
+    """λ of training step `step` (1-based). `warmup_steps` (T_warm) = 0 keeps λ0 throughout.
+
+    `offset` shifts the decay by whole steps: 1 gives λ0·(1 − k/T_warm), the reference RLSD
+    script's schedule (0.48, 0.46, ..., 0 from step 25 with λ0 0.5, T_warm 25).
+    """
     if step < 1:
         raise ValueError(f"steps count from 1, got {step}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if warmup_steps <= 0:
         return float(lam0)
-    return float(lam0) * max(0.0, 1.0 - (step - 1) / warmup_steps)
+    return float(lam0) * max(0.0, 1.0 - (step - 1 + offset) / warmup_steps)
 
 
 def lr_at(

@@ -30,6 +30,9 @@ from cepo.rollout import Rollouts
 from cepo_kernels import contrastive_evidence, fused_linear_logprobs
 
 IGNORE_INDEX = -100
+NEG_CHOICES = ("worst", "most_frequent", "reference")
+NegChoice = Literal["worst", "most_frequent", "reference"]
+REFERENCE_THRESHOLD = 0.5  # the reference's "rejected": reward below this
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,12 @@ class TeacherConfig:
     """How the teacher contexts are built; defaults are SPEC §5 / §7 (preset `paper`)."""
 
     hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
-    teacher_images: bool = True  # False: image-blind teachers, as the reference code
-    neg_choice: Literal["worst", "most_frequent"] = "worst"
+    # False: image-blind as the reference's CEPO teachers (pads for the image); None: by algorithm,
+    # False for cepo, True for rlsd (the reference's RLSD teacher sees the image)
+    teacher_images: bool | None = True  # False: image-blind (reference); None: False for cepo
+    # worst: lowest-reward rejected rollout with a boxed answer; most_frequent: the commonest
+    # wrong answer; reference: the reference code's (lowest reward below 0.5, boxed or not)
+    neg_choice: NegChoice = "worst"  # reference: the reference code's (unboxed allowed, " None")
     num_neg: int = 1  # K wrong answers; K > 1 mixes them as logmeanexp_k (extension)
     neg_fallback: Literal["student", "positive"] = "student"  # group without a usable r-
     teacher_model: Literal["actor", "base"] = "actor"  # "base": peft adapters disabled
@@ -47,9 +54,9 @@ class TeacherConfig:
     def __post_init__(self):
         if "{answer}" not in self.hint_template and self.hint_template:
             raise ValueError(f"hint_template must contain '{{answer}}', got {self.hint_template!r}")
-        if self.neg_choice not in ("worst", "most_frequent"):
+        if self.neg_choice not in NEG_CHOICES:
             raise ValueError(
-                f"neg_choice must be 'worst' or 'most_frequent', got {self.neg_choice!r}"
+                f"neg_choice must be one of {', '.join(NEG_CHOICES)}, got {self.neg_choice!r}"
             )
         if self.neg_fallback not in ("student", "positive"):
             raise ValueError(
@@ -69,29 +76,39 @@ def select_wrong_answers(
     rewards: Sequence[float],
     accuracy: Sequence[float],
     *,
-    choice: Literal["worst", "most_frequent"] = "worst",
+    choice: NegChoice = "worst",
     k: int = 1,
+    texts: Sequence[str] | None = None,
 ) -> list[str]:
     """Up to `k` distinct wrong answers r- from one group's rollouts, best candidate first.
 
     Candidates are rejected rollouts (accuracy 0) whose final answer could be extracted; a rollout
     without a ``\\boxed{}`` answer is never used. ``worst``: lowest reward first, ties in group
     order (the paper's argmin). ``most_frequent``: the group's most common wrong answer first, ties
-    by first appearance. Answers equal after `normalize_answer` count as one.
+    by first appearance. ``reference``: the reference code's choice, which needs the response
+    `texts`: rollouts with reward below 0.5, boxed or not, lowest reward first (ties in group
+    order), each read by `reference_answer` (so an unboxed one gives "None"). Answers equal after
+    `normalize_answer` count as one.
     """
-    candidates = [
-        (rewards[i], i, a)
-        for i, a in enumerate(answers)
-        if a is not None and a.strip() and accuracy[i] == 0
-    ]
-    if choice == "worst":
+    if choice == "reference":
+        if texts is None or len(texts) != len(rewards):
+            raise ValueError("choice='reference' needs the group's response texts")
+        candidates = [(rewards[i], i, reference_answer(texts[i]))
+                      for i in range(len(rewards)) if rewards[i] < REFERENCE_THRESHOLD]
+    else:
+        candidates = [
+            (rewards[i], i, a)
+            for i, a in enumerate(answers)
+            if a is not None and a.strip() and accuracy[i] == 0
+        ]
+    if choice in ("worst", "reference"):
         ordered = [a for _, _, a in sorted(candidates, key=lambda c: (c[0], c[1]))]
     elif choice == "most_frequent":
         counts = Counter(normalize_answer(a) for _, _, a in candidates)
         by_count = sorted(candidates, key=lambda c: (-counts[normalize_answer(c[2])], c[1]))
         ordered = [a for _, _, a in by_count]
     else:
-        raise ValueError(f"choice must be 'worst' or 'most_frequent', got {choice!r}")
+        raise ValueError(f"choice must be one of {', '.join(NEG_CHOICES)}, got {choice!r}")
     picked, seen = [], set()
     for a in ordered:
         key = normalize_answer(a)
@@ -101,6 +118,21 @@ def select_wrong_answers(
         if len(picked) == k:
             break
     return picked
+
+
+def reference_answer(text: str) -> str:
+    """A response's answer as the reference code reads it for r-: the content of the last
+    ``\\boxed{`` (mathruler's `extract_boxed_content`: an unclosed last box or none at all gives
+    the string "None"), and the response's first 50 characters when that box is empty."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return "None"
+    content, depth = text[start + len("\\boxed{"):], 0
+    for i, char in enumerate(content):
+        depth += (char == "{") - (char == "}")
+        if depth == -1:
+            return content[:i].strip() or text[:50]
+    return "None"
 
 
 # --------------------------------------------------------------------------- contexts
@@ -135,9 +167,10 @@ def build_teacher_contexts(
             rewards.accuracy[rows].tolist(),
             choice=config.neg_choice,
             k=config.num_neg,
+            texts=rollouts.texts[rows],
         )
         chosen.append(wrong)
-        base = prompt.prefix(with_images=config.teacher_images)
+        base = prompt.prefix(with_images=bool(config.teacher_images))
         pos_prefix = base.extend(hint_ids(tokenizer, config.hint_template, prompt.example.answer))
         neg_prefixes = [pos_prefix] * config.num_neg  # placeholders: never scored without r-
         if wrong:

@@ -112,7 +112,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One rollout batch: prompts → rollouts → rewards → Â → PPO update → metrics."""
     cfg, clock = run.cfg, time.perf_counter()
     seed_step(cfg.seed, step, run.rank)
-    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps)
+    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps,
+                                                cfg.cepo.lam_offset)
     lr = lr_at(step, lr=cfg.lr, total_steps=run.schedule_steps, schedule=cfg.optim.schedule,
                warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
     for group in run.optimizer.param_groups:
@@ -129,7 +130,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     with sharding.full_weights(run.policy):  # FSDP: gathered once for the whole phase
         exp = make_experience(run.model, run.processor, examples, lam=lam,
                               config=run.experience, engine=run.engine,
-                              grader=default_grader(cfg.grader_timeout_s))
+                              grader=default_grader(cfg.grader_timeout_s, cfg.grader))
     peaks = {"experience": peak_memory_gib(device)}
     reset_peak_memory(device)
 
@@ -278,7 +279,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
             temperature=cfg.val.temperature, top_p=cfg.val.top_p,
             max_new_tokens=cfg.val.max_new_tokens or cfg.rollout.max_new_tokens,
             max_prompt_tokens=cfg.rollout.max_prompt_tokens, batch_size=cfg.val.batch_size,
-            grader=default_grader(cfg.grader_timeout_s), accelerator=run.accelerator,
+            grader=default_grader(cfg.grader_timeout_s, cfg.grader), accelerator=run.accelerator,
         )
 
 
@@ -305,7 +306,8 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)  # same LoRA init on every process
     with accelerator.main_process_first():  # the first process builds "tiny-warm", others reuse
         model_path = resolve_checkpoint(cfg.model.name)
-        processor = load_processor(model_path)
+        processor = load_processor(model_path, min_pixels=cfg.data.min_pixels,
+                                   max_pixels=cfg.data.max_pixels)
     # the data before the model: a bad file or row is reported before minutes of loading
     train_set = load_split(cfg.data.train, cfg.data.train_split, limit=cfg.data.train_limit,
                            seed=cfg.seed, processor=processor)
@@ -347,9 +349,10 @@ def setup(cfg: TrainConfig) -> Run:
     samples = SampleWriter(run_dir, cfg.log.samples_per_step,
                            enabled=accelerator.is_main_process, resume_step=start_step)
     experience = ExperienceConfig(algo=cfg.algo, eps_w=cfg.cepo.eps_w,
-                                  grader_timeout_s=cfg.grader_timeout_s,
+                                  grader_timeout_s=cfg.grader_timeout_s, grader=cfg.grader,
                                   grader_batch_budget_s=cfg.grader_batch_budget_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
+                                  uniform_zero=cfg.advantage.uniform_zero,
                                   teacher=cfg.teacher)
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,

@@ -38,9 +38,11 @@ import torch
 import trl
 from accelerate.utils import gather, gather_object
 from packaging.version import Version
+from PIL import Image
 from trl import GRPOTrainer
 
 from cepo.batch import collate
+from cepo.data import fit_pixels
 from cepo.grading import Grader, extract_boxed
 from cepo.models import output_head
 from cepo.teachers import select_wrong_answers
@@ -88,6 +90,40 @@ class _Verdicts:
     rewards: list[float]  # [N] TRL's weighted reward sum
 
 
+def fit_input_images(inputs: list[dict], min_pixels: int | None, max_pixels: int | None
+                     ) -> list[dict]:
+    """TRL generation inputs with every image resized as the reference does (`fit_pixels`):
+    the ``images`` / ``image`` columns and image parts of conversational prompts. New dicts and
+    lists; the dataset's own examples are left untouched."""
+    if min_pixels is None and max_pixels is None:
+        return inputs
+
+    def fit(image):
+        return fit_pixels(image, min_pixels, max_pixels) if isinstance(image, Image.Image) \
+            else image
+
+    def fit_prompt(prompt):
+        if not isinstance(prompt, list):
+            return prompt
+        return [{**m, "content": [{**p, "image": fit(p["image"])}
+                                  if isinstance(p, dict) and "image" in p else p
+                                  for p in m["content"]]}
+                if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                for m in prompt]
+
+    out = []
+    for example in inputs:
+        example = dict(example)
+        if isinstance(example.get("images"), list):
+            example["images"] = [fit(image) for image in example["images"]]
+        if example.get("image") is not None:
+            example["image"] = fit(example["image"])
+        if "prompt" in example:
+            example["prompt"] = fit_prompt(example["prompt"])
+        out.append(example)
+    return out
+
+
 class CEPOGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with CEPO per-token advantages. Arguments are GRPOTrainer's; ``args``
     must be a `CEPOConfig` and the train dataset needs the column ``args.cepo_answer_column``."""
@@ -128,9 +164,10 @@ class CEPOGRPOTrainer(GRPOTrainer):
             raise ValueError("cepo_teacher_model='base' needs a PEFT model (adapters to disable); "
                              "pass peft_config or use cepo_teacher_model='actor'")
         config = model.config
-        self._cepo_vision_markers = [t for t in (getattr(config, "vision_start_token_id", None),
-                                                 getattr(config, "vision_end_token_id", None))
-                                     if t is not None]
+        self._cepo_placeholders = [t for t in (getattr(config, "image_token_id", None),
+                                               getattr(config, "video_token_id", None),
+                                               getattr(config, "image_token_index", None))
+                                   if t is not None]
 
     # ------------------------------------------------------------------ λ schedule
 
@@ -144,7 +181,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
 
     def cepo_lambda(self) -> float:
         return cepo_lambda(self.cepo_generation(), lambda_init=self.args.cepo_lambda_init,
-                           warmup=self.args.cepo_lambda_warmup)
+                           warmup=self.args.cepo_lambda_warmup,
+                           offset=self.args.cepo_lambda_offset)
 
     # ------------------------------------------------------------------ TRL hooks
 
@@ -175,6 +213,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        # images resized before TRL's processor sees them: generation and teachers agree
+        inputs = fit_input_images(inputs, self.args.cepo_min_pixels, self.args.cepo_max_pixels)
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
@@ -213,7 +253,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
         self._cepo_warn_no_neg(verdicts, wrong_by_group, g)
         student = row_prefixes(out, with_images=True)
         teacher = student if args.cepo_teacher_images else row_prefixes(
-            out, with_images=False, drop_token_ids=self._cepo_vision_markers)
+            out, with_images=False, blind_token_id=self._tokenizer.pad_token_id,
+            placeholder_ids=self._cepo_placeholders)
 
         advantages = grpo[:, None] * loss_mask  # [B, T] Â = A where no teacher runs
         delta = torch.zeros(b, width, device=comp_ids.device)

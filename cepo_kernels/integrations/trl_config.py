@@ -18,11 +18,12 @@ NEG_FALLBACKS = ("student", "positive")
 TEACHER_MODELS = ("actor", "base")
 
 
-def cepo_lambda(generation: int, *, lambda_init: float, warmup: int) -> float:
-    """λ_k = λ0 · max(0, 1 − (k − 1)/T_warm) for generation batch k = 1, 2, ... (SPEC §4)."""
+def cepo_lambda(generation: int, *, lambda_init: float, warmup: int, offset: int = 0) -> float:
+    """λ_k = λ0 · max(0, 1 − (k − 1 + offset)/T_warm) for generation batch k = 1, 2, ...
+    (SPEC §4; offset 1 is the reference RLSD script's λ0 · (1 − k/T_warm))."""
     if generation < 1:
         raise ValueError(f"generation counts from 1, got {generation}")
-    return lambda_init * max(0.0, 1.0 - (generation - 1) / warmup)
+    return lambda_init * max(0.0, 1.0 - (generation - 1 + offset) / warmup)
 
 
 def generation_index(global_step: int, micro_step: int, *, gradient_accumulation_steps: int,
@@ -51,8 +52,13 @@ class CEPOConfig(GRPOConfig):
     cepo_lambda_warmup: int = field(default=25, metadata={
         "help": "T_warm: λ decays linearly to 0 over this many generation batches; then the "
                 "teacher passes are skipped (pure GRPO)."})
-    cepo_eps_w: float = field(default=0.5, metadata={
-        "help": "ε_w: token weights are clipped to [1 − ε_w, 1 + ε_w] (paper 0.5, reference 0.2)."})
+    cepo_lambda_offset: int | None = field(default=None, metadata={
+        "help": "Shifts the λ decay by whole generation batches: λ_k = λ0 · max(0, 1 − (k − 1 + "
+                "offset)/T_warm). None: 0 for cepo, 1 for rlsd (the reference RLSD script)."})
+    cepo_eps_w: float | None = field(default=None, metadata={
+        "help": "ε_w: token weights are clipped to [1 − ε_w, 1 + ε_w]. None: 0.5 for cepo (the "
+                "paper; the reference CEPO script uses 0.2), 0.2 for rlsd (RLSD paper and "
+                "script)."})
     cepo_neg_choice: str = field(default="worst", metadata={
         "help": "How r- is picked among the group's rejected rollouts: 'worst' (lowest reward, "
                 "ties to the first) or 'most_frequent' (the most common wrong answer)."})
@@ -62,7 +68,15 @@ class CEPOConfig(GRPOConfig):
         "help": "Group without a usable wrong answer: 'student' (RLSD for that group, the paper) "
                 "or 'positive' (r- = r+, i.e. GRPO, the reference code)."})
     cepo_teacher_images: bool = field(default=True, metadata={
-        "help": "Teachers see the prompt's images; False drops them (the reference code)."})
+        "help": "Teachers see the prompt's images; False: image-blind teachers as in the "
+                "reference code (the image's tokens become pad tokens, no pixels)."})
+    cepo_min_pixels: int | None = field(default=262_144, metadata={
+        "help": "VLMs: every image is first resized to at least this many pixels, as the "
+                "reference's dataset does (then by the processor's own rule), before generation, "
+                "so generation and scoring see the same image. None: no lower bound."})
+    cepo_max_pixels: int | None = field(default=4_194_304, metadata={
+        "help": "VLMs: every image is first resized to at most this many pixels. None: no "
+                "upper bound."})
     cepo_hint_template: str = field(default=" {answer}", metadata={
         "help": "Text inserted between the prompt and the response; must contain '{answer}'."})
     cepo_answer_column: str = field(default="answer", metadata={
@@ -87,10 +101,25 @@ class CEPOConfig(GRPOConfig):
         if int(self.cepo_lambda_warmup) != self.cepo_lambda_warmup or self.cepo_lambda_warmup < 1:
             raise ValueError(f"cepo_lambda_warmup must be an int >= 1, got "
                              f"{self.cepo_lambda_warmup}")
+        if self.cepo_eps_w is None:
+            self.cepo_eps_w = 0.2 if self.cepo_algo == "rlsd" else 0.5
+        if self.cepo_lambda_offset is None:
+            self.cepo_lambda_offset = 1 if self.cepo_algo == "rlsd" else 0
+        if int(self.cepo_lambda_offset) != self.cepo_lambda_offset or self.cepo_lambda_offset < 0:
+            raise ValueError(f"cepo_lambda_offset must be an int >= 0, got "
+                             f"{self.cepo_lambda_offset}")
         if not 0.0 <= self.cepo_eps_w < 1.0:
             raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
         if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:
             raise ValueError(f"cepo_num_neg must be an int >= 1, got {self.cepo_num_neg}")
+        for name in ("cepo_min_pixels", "cepo_max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if None not in (self.cepo_min_pixels, self.cepo_max_pixels) and \
+                self.cepo_min_pixels > self.cepo_max_pixels:
+            raise ValueError(f"cepo_min_pixels={self.cepo_min_pixels} is above "
+                             f"cepo_max_pixels={self.cepo_max_pixels}")
         if "{answer}" not in self.cepo_hint_template:
             raise ValueError(f"cepo_hint_template must contain '{{answer}}', got "
                              f"{self.cepo_hint_template!r}")

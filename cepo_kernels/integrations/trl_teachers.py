@@ -67,28 +67,33 @@ def check_vision_keys(batch: dict, teacher_images: bool) -> None:
         )
 
 
-def row_prefixes(batch: dict, *, with_images: bool, drop_token_ids: Sequence[int] = ()
-                 ) -> list[Prefix]:
+def row_prefixes(batch: dict, *, with_images: bool, blind_token_id: int | None = None,
+                 placeholder_ids: Sequence[int] = ()) -> list[Prefix]:
     """One `Prefix` per row of a TRL batch: the real prompt tokens and the row's images.
 
-    ``with_images=False`` removes the image placeholder tokens (``mm_token_type_ids != 0``) and
-    ``drop_token_ids`` (the vision start/end markers), and attaches no pixels: an image-blind
-    rendering of the same prompt.
+    ``with_images=False`` gives the image-blind rendering of the same prompt, the reference
+    code's teacher layout: every image placeholder token (``mm_token_type_ids != 0``, or an id in
+    ``placeholder_ids``) becomes ``blind_token_id`` (the pad token), the vision start/end markers
+    stay, all tokens are text (sequential positions) and no pixels are attached.
     """
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"].bool()  # [B, P]
     width = prompt_ids.shape[1]
     mm = batch.get("mm_token_type_ids")
     mm = mm[:, :width] if mm is not None else torch.zeros_like(prompt_ids)  # prompt part
     pixels = _pixels_per_row(batch) if with_images else [(None, None)] * prompt_ids.shape[0]
-    drop = torch.tensor(list(drop_token_ids), dtype=prompt_ids.dtype, device=prompt_ids.device)
+    ids = prompt_ids
+    if not with_images:
+        marks = torch.tensor(list(placeholder_ids), dtype=ids.dtype, device=ids.device)
+        placeholder = (mm != 0) | torch.isin(ids, marks)
+        if blind_token_id is None and bool((placeholder & prompt_mask).any()):
+            raise ValueError("image-blind teacher rows need blind_token_id (the pad token)")
+        ids = ids.masked_fill(placeholder, 0 if blind_token_id is None else blind_token_id)
+        mm = torch.zeros_like(mm)
     out = []
     for row in range(prompt_ids.shape[0]):
         keep = prompt_mask[row]
-        if not with_images:
-            keep = keep & (mm[row] == 0) & ~torch.isin(prompt_ids[row], drop)
         pv, grid = pixels[row]
-        out.append(Prefix(prompt_ids[row, keep].cpu(), mm[row, keep].to(torch.int32).cpu(),
-                          pv, grid))
+        out.append(Prefix(ids[row, keep].cpu(), mm[row, keep].to(torch.int32).cpu(), pv, grid))
     return out
 
 

@@ -35,7 +35,12 @@ def test_reference_preset_differs_only_where_spec_says():
     paper, ref = C.to_dict(C.finalize(C.paper())), C.to_dict(C.finalize(C.reference()))
     diff = {k for k, v in C.flatten(ref).items() if C.flatten(paper)[k] != v}
     assert diff == {"preset", "lora.alpha", "optim.schedule", "optim.warmup_steps",
-                    "cepo.eps_w", "output_dir"}
+                    "cepo.eps_w", "output_dir",  # and the reference code's own choices:
+                    "teacher.neg_choice", "teacher.neg_fallback", "teacher.teacher_images",
+                    "advantage.uniform_zero"}
+    assert (ref["teacher"]["neg_choice"], ref["teacher"]["neg_fallback"]) == (
+        "reference", "positive")
+    assert ref["teacher"]["teacher_images"] is False and ref["advantage"]["uniform_zero"] is False
     assert (ref["lora"]["alpha"], ref["optim"]["schedule"], ref["cepo"]["eps_w"]) == (
         64.0, "constant", 0.2)
 
@@ -52,7 +57,7 @@ def test_no_arguments_is_the_offline_run_and_matches_configs_tiny_cpu():
     cfg = build_config([])
     assert cfg.model.name == "tiny-warm" and cfg.data.train == "synthetic"
     assert cfg.preset == "paper" and cfg.output_dir == "runs/tiny-cepo"
-    assert cfg.cepo == C.paper().cepo and cfg.ppo.clip_high == 0.28  # method settings kept
+    assert cfg.cepo == C.finalize(C.paper()).cepo and cfg.ppo.clip_high == 0.28  # method kept
     assert build_config(["--config", str(CONFIGS / "tiny_cpu.yaml")]) == cfg
 
 

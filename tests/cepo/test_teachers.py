@@ -164,11 +164,12 @@ def test_context_token_layout(processor, batch, examples):
 
     config = TeacherConfig(teacher_images=False, num_neg=2)
     blind = build_teacher_contexts(rollouts, rewards, processor.tokenizer, config)
-    expected_blind = torch.cat([prompt.text_only_ids, _hint(processor, f" {truth}")])
+    blind_prompt = prompt.prefix(with_images=False).input_ids
+    expected_blind = torch.cat([blind_prompt, _hint(processor, f" {truth}")])
     assert torch.equal(blind.pos[0].input_ids, expected_blind)
     assert blind.pos[0].pixel_values is None and blind.pos[0].mm_token_type_ids.sum() == 0
     assert blind.wrong_answers[0] == ["999", "998"]
-    expected_second = torch.cat([prompt.text_only_ids, _hint(processor, " 998")])
+    expected_second = torch.cat([blind_prompt, _hint(processor, " 998")])
     assert torch.equal(blind.neg[1][0].input_ids, expected_second)
 
 

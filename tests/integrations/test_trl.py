@@ -216,11 +216,42 @@ def test_lambda_schedule_and_step_mapping():
     ("cepo_algo", "grpo"), ("cepo_lambda_init", 1.5), ("cepo_lambda_warmup", 0),
     ("cepo_eps_w", 1.0), ("cepo_neg_choice", "best"), ("cepo_num_neg", 0),
     ("cepo_neg_fallback", "none"), ("cepo_hint_template", "The answer is"),
-    ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""),
+    ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""), ("cepo_min_pixels", 0),
+    ("cepo_max_pixels", 2.5), ("cepo_min_pixels", 10**8), ("cepo_lambda_offset", -1),
 ])
 def test_config_rejects_bad_values(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         _args(tmp_path, **{field: value})
+
+
+def test_input_images_are_resized_as_the_reference_before_generation():
+    from PIL import Image
+
+    from cepo_kernels.integrations.trl import fit_input_images
+
+    image = Image.new("P", (300, 200))
+    inputs = [{"prompt": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                       {"type": "text", "text": "x?"}]}],
+               "images": [image], "answer": "3"}, {"prompt": "text only", "image": image}]
+    out = fit_input_images(inputs, 262_144, 4_194_304)
+    assert out[0]["images"][0].size == (627, 418) and out[0]["images"][0].mode == "RGB"
+    assert out[0]["prompt"][0]["content"][0]["image"].size == (627, 418)
+    assert out[0]["prompt"][0]["content"][1] == {"type": "text", "text": "x?"}
+    assert out[1]["image"].size == (627, 418) and out[1]["prompt"] == "text only"
+    assert inputs[0]["images"][0] is image and out[0]["answer"] == "3"  # dataset untouched
+    assert fit_input_images(inputs, None, None) is inputs
+
+
+def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path):
+    rlsd = _args(tmp_path, cepo_algo="rlsd", cepo_lambda_warmup=25)
+    assert (rlsd.cepo_eps_w, rlsd.cepo_lambda_offset) == (0.2, 1)
+    lams = [cepo_lambda(k, lambda_init=0.5, warmup=25, offset=rlsd.cepo_lambda_offset)
+            for k in range(1, 31)]
+    assert lams == pytest.approx([0.5 * max(0.0, 1 - k / 25) for k in range(1, 31)], abs=1e-12)
+    cepo = _args(tmp_path)
+    assert (cepo.cepo_eps_w, cepo.cepo_lambda_offset) == (0.5, 0)
+    mine = _args(tmp_path, cepo_algo="rlsd", cepo_eps_w=0.5, cepo_lambda_offset=0)
+    assert (mine.cepo_eps_w, mine.cepo_lambda_offset) == (0.5, 0)
 
 
 def test_importing_cepo_kernels_does_not_import_trl():
@@ -355,12 +386,17 @@ def test_lambda_zero_or_eps_zero_is_trl_grpo(tmp_path, tiny_text_dir):
 
 
 def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
+    from transformers.image_utils import SizeDict
+
     from cepo.models import load_model, load_processor
 
     processor = load_processor(tiny_vl_dir)
+    processor.image_processor.size = SizeDict(shortest_edge=1024, longest_edge=128 * 128)
     # groups of 2: every batch holds two prompts with different images, so a row given the
     # wrong image's pixels would show in the alignment check
-    args = _args(tmp_path, max_completion_length=6, num_generations=2)
+    # the pixel range reaches TRL's generation: the 64×64 images become 128×128 (16 tokens)
+    args = _args(tmp_path, max_completion_length=6, num_generations=2,
+                 cepo_min_pixels=128 * 128, cepo_max_pixels=128 * 128)
     trainer = _train(RecordingCEPO, model=load_model(tiny_vl_dir, device="cpu"),
                      reward_funcs=length_reward, args=args, train_dataset=_vl_dataset(4),
                      processing_class=processor)
@@ -370,13 +406,19 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
         _check_cepo_advantages(cepo, args.cepo_eps_w)
     out, truths, verdicts = trainer.rec_batches[-1]
     assert out["pixel_values"] is not None
+    assert out["image_grid_thw"].tolist() == [[1, 8, 8]] * len(out["image_grid_thw"])
     _assert_student_aligned(trainer, out)  # mRoPE positions and per-row pixels line up
 
-    # image-blind teachers (the reference code's setting): no image tokens, no pixels
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    blind = row_prefixes(out, with_images=False,
-                         drop_token_ids=trainer._cepo_vision_markers)
-    assert all(p.pixel_values is None and image_pad not in p.input_ids.tolist() for p in blind)
+    # image-blind teachers (the reference code's setting): pads for the image tokens, no pixels
+    tok = processor.tokenizer
+    image_pad, pad = tok.convert_tokens_to_ids("<|image_pad|>"), tok.pad_token_id
+    blind = row_prefixes(out, with_images=False, blind_token_id=pad,
+                         placeholder_ids=trainer._cepo_placeholders)
+    seeing = row_prefixes(out, with_images=True)
+    for b, s in zip(blind, seeing):
+        assert b.pixel_values is None and int(b.mm_token_type_ids.sum()) == 0
+        assert torch.equal(b.input_ids, torch.where(s.input_ids == image_pad, pad, s.input_ids))
+        assert int((b.input_ids == pad).sum()) == 16  # one pad per visual token
     out = dict(out, advantages=trainer.rec_cepo[-1].grpo_advantages)
     seeing = trainer._cepo_advantages(out, truths, verdicts, 2, 0.5)
     trainer.args.cepo_teacher_images = False
