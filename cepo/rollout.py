@@ -25,8 +25,6 @@ class RolloutConfig:
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0: off (the RL default); the paper's evaluation samples with top_k 40
-    presence_penalty: float = 0.0  # vLLM's: subtracted once from every token already generated
     max_new_tokens: int = 2048
     max_prompt_tokens: int = 768  # longer prompts are dropped (never truncated: images)
     generation_batch_size: int | None = None  # sequences per `generate` call; None = all at once
@@ -40,6 +38,18 @@ class RolloutConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EvalRolloutConfig(RolloutConfig):
+    """Sampling with the evaluation-only knobs of the paper's benchmarks (lmms-eval via vLLM).
+    Training never uses them: a truncated or penalised sampler is not the policy being trained."""
+
+    top_k: int = 0  # 0: off
+    presence_penalty: float = 0.0  # vLLM's: subtracted once from every token already generated
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
 
@@ -195,10 +205,9 @@ class HFRolloutEngine:
                 "image_grid_thw": inputs.image_grid_thw,
             }
         sampling = config.temperature > 0
-        if config.presence_penalty:
-            kwargs["logits_processor"] = [
-                PresencePenalty(config.presence_penalty, inputs.input_ids.shape[1])
-            ]
+        penalty = getattr(config, "presence_penalty", 0.0)
+        if penalty:
+            kwargs["logits_processor"] = [PresencePenalty(penalty, inputs.input_ids.shape[1])]
         out = self.model.generate(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,
@@ -208,7 +217,7 @@ class HFRolloutEngine:
             # top_p 0.8, temperature 0.7) never leak into the RL sampling distribution.
             temperature=config.temperature if sampling else None,
             top_p=config.top_p if sampling else None,
-            top_k=config.top_k if sampling else None,
+            top_k=getattr(config, "top_k", 0) if sampling else None,
             repetition_penalty=1.0,
             suppress_tokens=self.suppressed_ids or None,
             max_new_tokens=config.max_new_tokens,

@@ -37,7 +37,7 @@ import torch
 from cepo.data import Example, _decode_image, _read_file, encode_prompt
 from cepo.evalsuite.benchmarks import Benchmark, SamplingSettings
 from cepo.grading import Grader, extract_boxed, normalize_answer
-from cepo.rollout import HFRolloutEngine, RolloutConfig, RolloutEngine
+from cepo.rollout import EvalRolloutConfig, HFRolloutEngine, RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -222,10 +222,11 @@ def score_items(
     (scored 0 on every sample, so that two runs always cover the same questions)."""
     engine = engine or HFRolloutEngine(model, processor)
     limit = settings.max_model_len - settings.max_new_tokens
-    config = RolloutConfig(group_size=samples, temperature=settings.temperature,
-                           top_p=settings.top_p, top_k=settings.top_k,
-                           presence_penalty=settings.presence_penalty,
-                           max_new_tokens=settings.max_new_tokens, max_prompt_tokens=limit)
+    config = EvalRolloutConfig(
+        group_size=samples, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k, presence_penalty=settings.presence_penalty,
+        max_new_tokens=settings.max_new_tokens, max_prompt_tokens=limit,
+    )
     scores: dict[str, list[float]] = {}
     too_long: list[str] = []
     for start in range(0, len(items), batch_size):
