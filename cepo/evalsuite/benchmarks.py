@@ -80,7 +80,7 @@ PAPER_NOTES = {
 
 def paper_size(model_name: str) -> str | None:
     """``"2B"``/``"4B"`` for a Qwen3-VL model name or path that says so, else None."""
-    match = re.search(r"(?<![0-9.])([24])B(?![a-zA-Z0-9])", model_name)
+    match = re.search(r"(?<![0-9.])([24])B(?![a-zA-Z0-9])", model_name, re.IGNORECASE)
     return f"{match.group(1)}B" if match else None
 
 

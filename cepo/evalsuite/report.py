@@ -67,10 +67,17 @@ def load(source: str | Path) -> dict:
         raise ValueError(f"{path}: not JSON ({err})") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise ValueError(f"{path}: not a suite results file (expected format {FORMAT!r})")
-    for key, bench in results["benchmarks"].items():
+    benchmarks = results.get("benchmarks")
+    if not isinstance(benchmarks, dict):
+        raise TypeError(f"{path}: field 'benchmarks' must map benchmark names to results")
+    for key, bench in benchmarks.items():
         if key not in BY_KEY:
             raise ValueError(f"{path}: unknown benchmark {key!r}")
+        if not isinstance(bench, dict) or not isinstance(bench.get("scores"), dict):
+            raise TypeError(f"{path}: {key}: field 'scores' must map question ids to lists")
         for qid, s in bench["scores"].items():
+            if not isinstance(s, list):
+                raise TypeError(f"{path}: {key} question {qid!r}: scores must be a list")
             if not s or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in s):
                 raise ValueError(f"{path}: {key} question {qid!r}: scores must be in [0, 1]")
     results["path"] = str(path)
@@ -121,6 +128,9 @@ def table(results: dict, summary: dict) -> str:
             lines.append("| " + " | ".join([f"paper {size} {method}", *cells]) + " |")
         notes.append(f"Paper rows: Table 2 (Qwen3-VL-{size}, one sample, lmms-eval). "
                      + PAPER_NOTES[size])
+        if results["backend"] == "native":
+            notes.append("This run was scored natively (project prompt and grader), not by "
+                         "lmms-eval: README, 'Paper evaluation', lists the differences.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 

@@ -158,3 +158,20 @@ def test_suite_on_local_copies_end_to_end(tiny_dir, data_dir, tmp_path):
     for title in ("DynaMath", "LogicVista", "MathVision-mini", "MMMU", "WeMath", "Avg"):
         assert title in table
     assert "No paper numbers" in table  # the tiny model has no row in the paper
+
+
+def test_presence_penalty_reaches_generate(model, processor, data_dir):
+    """A huge penalty forbids repeating any generated token; without it the tiny model repeats."""
+    from cepo.data import encode_prompt
+
+    prompts = [encode_prompt(processor, i.example) for i in items_of(data_dir, "mmmu")]
+    engine = HFRolloutEngine(model, processor)
+
+    def repeats(config):
+        out = engine.generate(prompts, config)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(out.response_ids, out.response_mask)]
+        return sum(len(r) - len(set(r)) for r in rows)
+
+    assert repeats(EvalRolloutConfig(group_size=1, temperature=0.0, max_new_tokens=24)) > 0
+    assert repeats(EvalRolloutConfig(group_size=1, temperature=0.0, max_new_tokens=24,
+                                     presence_penalty=1e4)) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -106,6 +107,9 @@ def test_results_with_bad_scores_are_refused(tmp_path):
     path = _write(tmp_path / "A", {"mmmu": {"q1": [1.5]}})
     with pytest.raises(ValueError, match=r"mmmu question 'q1': scores must be in \[0, 1\]"):
         report.load(path)
+    path.write_text(json.dumps({"format": report.FORMAT, "benchmarks": {"mmmu": [1, 0]}}))
+    with pytest.raises(TypeError, match=r"mmmu: field 'scores' must map question ids"):
+        report.load(path)
     with pytest.raises(FileNotFoundError, match="no results.json"):
         report.load(tmp_path / "nowhere")
 
@@ -118,4 +122,14 @@ def test_table_shows_the_paper_rows_for_the_same_size():
     assert "| paper 4B CEPO | 65.37 | 61.16 | 47.37 | 54.11 | 74.77 | 60.56 |" in text
     assert "| paper 4B OPSD | – | – | – | – | – | 56.23 |" in text
     assert "75.00 ± " in text and "Not run: DynaMath, LogicVista, MathVision-mini, WeMath" in text
-    assert "paper 2B" not in text
+    assert "paper 2B" not in text and "scored natively" in text
+
+
+@pytest.mark.parametrize("name,size", [
+    ("Qwen/Qwen3-VL-2B-Instruct", "2B"), ("/models/qwen3-vl-4b-cepo", "4B"),
+    ("Qwen/Qwen3-VL-32B-Instruct", None), ("tiny-warm", None), ("Qwen/Qwen3-VL-2.4B", None),
+])
+def test_paper_size(name, size):
+    from cepo.evalsuite.benchmarks import paper_size
+
+    assert paper_size(name) == size
