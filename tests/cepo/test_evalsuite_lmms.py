@@ -180,3 +180,25 @@ def test_a_samples_line_without_its_score_names_file_and_line(tmp_path):
 ])
 def test_mmmu_rule(gold, pred, qtype, want):
     assert lmms.mmmu_correct(gold, pred, qtype) is want
+
+
+def test_native_suite_on_a_lora_checkpoint_and_compare_by_run_dir(lora_checkpoint, tmp_path):
+    """--data-dir scores the checkpoint's adapted policy natively into eval-paper-native/;
+    --compare finds that file from the run directory."""
+    from cepo.eval import main
+    from tests.cepo.evalsuite_fixtures import write_benchmarks
+
+    data = write_benchmarks(tmp_path / "bench")
+    main(["--suite", "paper", "--checkpoint", str(lora_checkpoint), "--data-dir", str(data),
+          "--benchmarks", "wemath", "mmmu", "--max_new_tokens", "2", "--device", "cpu"])
+    path = lora_checkpoint / "eval-paper-native" / "results.json"
+    results = json.loads(path.read_text())
+    assert results["backend"] == "native" and sorted(results["benchmarks"]) == ["mmmu", "wemath"]
+    assert results["checkpoint"] == str(lora_checkpoint)
+    run_dir = lora_checkpoint.parent.parent
+    if (lora_checkpoint / "eval-paper" / "results.json").is_file():  # the lmms-eval test's
+        with pytest.raises(ValueError, match="several suite results"):
+            main(["--compare", str(run_dir), str(path)])
+        (lora_checkpoint / "eval-paper" / "results.json").unlink()
+    diff = main(["--compare", str(run_dir), str(path)])
+    assert diff["average"]["mean"] == 0.0
