@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cepo.eval",
         description="The paper's evaluation (DynaMath, LogicVista, MathVision-testmini, MMMU-val, "
-        "WeMath-testmini) with 95%% confidence intervals, or a paired comparison of two runs.",
+        "WeMath-testmini) with 95% confidence intervals, or a paired comparison of two runs.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--suite", choices=["paper"], help="run the paper's five benchmarks")

@@ -19,8 +19,9 @@ format suffix asking for the final answer in ``\\boxed{}``; no system prompt. Sc
 ``\\boxed{}`` is the answer. Multiple choice: a letter (``B``, ``(B)``, ``B.``, ``B: text``) or the
 exact text of an option counts as that option; several letters (LogicVista) must match as a set.
 Otherwise `cepo.grading.Grader` decides (normalised match, then math-verify); an MMMU open answer
-given as a list of accepted answers is right if any matches. docs in README ("Paper evaluation")
-list how this differs from lmms-eval's scoring.
+given as a list of accepted answers is right if any matches. README ("Paper evaluation") lists
+how this differs from lmms-eval's scoring. The k samples of a question are one group of the
+rollout engine; torch's generator is seeded once with ``--seed`` before the first benchmark.
 """
 
 from __future__ import annotations
