@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,9 +100,16 @@ def _pixels(text: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] in ("--suite", "--compare") for a in argv):
+        from cepo.evalsuite.cli import main as suite_main
+
+        return suite_main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m cepo.eval",
-        description="Score a saved CEPO run (or any model) on a split: accuracy, format rate.",
+        description="Score a saved CEPO run (or any model) on a split: accuracy, format rate. "
+        "The paper's five benchmarks with error bars: --suite paper / --compare A B "
+        "(python -m cepo.eval --suite paper --help).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint dir, or a run dir (latest checkpoint)")

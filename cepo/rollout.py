@@ -40,6 +40,38 @@ class RolloutConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+@dataclass(frozen=True)
+class EvalRolloutConfig(RolloutConfig):
+    """Sampling with the evaluation-only knobs of the paper's benchmarks (lmms-eval via vLLM).
+    Training never uses them: a truncated or penalised sampler is not the policy being trained."""
+
+    top_k: int = 0  # 0: off
+    presence_penalty: float = 0.0  # vLLM's: subtracted once from every token already generated
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+
+
+class PresencePenalty:
+    """vLLM's presence penalty as a `generate` logits processor: every token id that already
+    occurs in the generated part (columns from `prompt_width` on, never the prompt) loses
+    `penalty` from its logit. It runs before temperature, top-k and top-p, as in vLLM."""
+
+    def __init__(self, penalty: float, prompt_width: int):
+        self.penalty = float(penalty)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        seen.scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
 @dataclass
 class Rollouts:
     """N = P x G sampled completions, grouped: rows [g*G, (g+1)*G) answer prompt g."""
@@ -173,6 +205,9 @@ class HFRolloutEngine:
                 "image_grid_thw": inputs.image_grid_thw,
             }
         sampling = config.temperature > 0
+        penalty = getattr(config, "presence_penalty", 0.0)
+        if penalty:
+            kwargs["logits_processor"] = [PresencePenalty(penalty, inputs.input_ids.shape[1])]
         out = self.model.generate(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,
@@ -182,7 +217,7 @@ class HFRolloutEngine:
             # top_p 0.8, temperature 0.7) never leak into the RL sampling distribution.
             temperature=config.temperature if sampling else None,
             top_p=config.top_p if sampling else None,
-            top_k=0 if sampling else None,
+            top_k=getattr(config, "top_k", 0) if sampling else None,
             repetition_penalty=1.0,
             suppress_tokens=self.suppressed_ids or None,
             max_new_tokens=config.max_new_tokens,

@@ -27,7 +27,7 @@ MAX_ASPECT_RATIO = 200
 def read_rows(source: str, split: str) -> tuple[list[dict], Path | None]:
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path), path.parent
+        return read_file(path), path.parent
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _read_saved_dataset(path, split), path
@@ -39,14 +39,15 @@ def read_rows(source: str, split: str) -> tuple[list[dict], Path | None]:
                 f"{source}: no *{split}*.parquet / *{split}*.jsonl file and no saved `datasets` "
                 "directory found"
             )
-        return [row for f in files for row in _read_file(f)], path
+        return [row for f in files for row in read_file(f)], path
     if "/" in source and not source.startswith((".", "/", "~")):
         return _read_hub(source, split), None
     raise NotAvailable(f"data set {source!r} is neither a file, a directory nor a hub id; pass a "
                        "parquet/JSON-lines file or directory, or synthetic")
 
 
-def _read_file(path: Path) -> list[dict]:
+def read_file(path: Path) -> list[dict]:
+    """The rows of one parquet or JSON-lines file; a bad line names the file and line."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
