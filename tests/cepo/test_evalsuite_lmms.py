@@ -23,13 +23,14 @@ def lora_checkpoint(tmp_path_factory, tiny_dir):
     from cepo.lora import apply_lora
     from cepo.models import load_model
 
+    from cepo import checkpoint as ckpt
+
     cfg = finalize(TrainConfig(model=ModelConfig(name=tiny_dir)))
-    path = tmp_path_factory.mktemp("run") / "checkpoints" / "step-000002"
-    path.mkdir(parents=True)
-    apply_lora(load_model(tiny_dir, device="cpu"), cfg.lora).save_pretrained(path)
-    save_yaml(cfg, path / "config.yaml")
-    (path / "trainer_state.json").write_text("{}")
-    return path
+    run_dir = tmp_path_factory.mktemp("run")
+    staging = ckpt.begin(run_dir, 2)
+    apply_lora(load_model(tiny_dir, device="cpu"), cfg.lora).save_pretrained(staging)
+    save_yaml(cfg, staging / "config.yaml")
+    return ckpt.commit(run_dir, 2, {}, keep_last=2)  # checksummed, as the trainer commits
 
 
 def _flag(cmd: list[str], name: str) -> str:
@@ -133,10 +134,11 @@ def test_a_full_model_checkpoint_is_served_as_is(tmp_path, monkeypatch):
     from cepo.config import TrainConfig, finalize, save_yaml
     from cepo.eval import main
 
-    ckpt = tmp_path / "step-000001"
-    ckpt.mkdir()
-    save_yaml(finalize(TrainConfig()), ckpt / "config.yaml")
-    (ckpt / "trainer_state.json").write_text("{}")
+    from cepo import checkpoint
+
+    staging = checkpoint.begin(tmp_path, 1)
+    save_yaml(finalize(TrainConfig()), staging / "config.yaml")
+    ckpt = checkpoint.commit(tmp_path, 1, {}, keep_last=2)
     fake = FakeLmmsEval()
     monkeypatch.setattr(lmms, "check_installed", lambda: None)
     monkeypatch.setattr(lmms.subprocess, "run", fake)
