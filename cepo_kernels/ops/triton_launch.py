@@ -30,7 +30,19 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _arch(device: Optional[torch.device], arch: Optional[int]) -> int:
+    """Compute capability as an int (80, 90, ...): ``arch`` if given, else the CUDA device's
+    (the current one when ``device`` is None), else 90."""
+    if arch is not None:
+        return int(arch)
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.device,
+                   arch: Optional[int] = None) -> dict:
     """Blocks, warps and vocab splits of the forward kernel.
 
     On GPU: 128×128 logit tiles with 64-wide hidden chunks (bf16 tensor cores on Hopper), and the
@@ -49,7 +61,8 @@ def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.
                 num_stages=3)
 
 
-def backward_config(N: int, V: int, D: int, dtype: torch.dtype) -> dict:
+def backward_config(N: int, V: int, D: int, dtype: torch.dtype,
+                    device: Optional[torch.device] = None, arch: Optional[int] = None) -> dict:
     """Blocks and warps of the backward kernel (one program per logit tile)."""
     if interpreting():
         return dict(BLOCK_N=_pow2(N, 16, 64), BLOCK_V=_pow2(V, 16, 1024),
