@@ -320,12 +320,21 @@ def versions() -> dict:
     return out
 
 
+METRICS_VERSION = "1"   # bump when what compile_case measures changes
+KERNEL_SOURCES = {"forward": ["forward.py", "tl_utils.py"], "finalize": ["finalize.py"],
+                  "backward": ["backward.py", "tl_utils.py"]}
+
+
 def _cache_file(cache: Path, case: Case, salt: str) -> Path:
-    return cache / (hashlib.sha256((salt + case.key()).encode()).hexdigest()[:24] + ".json")
+    """One JSON per case, keyed by the case, its kernel's source files and the tool versions."""
+    h = hashlib.sha256((salt + case.key()).encode())
+    for name in KERNEL_SOURCES[case.kernel]:
+        h.update((REPO / "cepo_kernels" / "kernels" / name).read_bytes())
+    return cache / (h.hexdigest()[:24] + ".json")
 
 
 def run_cases(todo: list[Case], jobs: int, cache: Path | None) -> list[Result]:
-    salt = source_hash() + json.dumps(versions(), sort_keys=True)
+    salt = json.dumps(versions(), sort_keys=True) + METRICS_VERSION
     results: dict[int, Result] = {}
     missing = []
     for i, case in enumerate(todo):
