@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import os
@@ -98,7 +100,7 @@ class Result:
 # The matrix of cases
 
 
-def _configs(kind: str, arch: int, dtype) -> list[dict]:
+def _configs(kind: str, arch: int, dtype, precision: str) -> list[dict]:
     """Distinct configurations forward_config / backward_config return for this arch + dtype."""
     import torch
 
@@ -107,11 +109,12 @@ def _configs(kind: str, arch: int, dtype) -> list[dict]:
     seen = []
     for n, v, d in SHAPES:
         if kind == "forward":
-            cfg = tlm.forward_config(n, v, d, dtype, torch.device("cpu"), arch=arch)
+            cfg = tlm.forward_config(n, v, d, dtype, torch.device("cpu"), arch=arch,
+                                     precision=precision)
             cfg = {k: cfg[k] for k in ("BLOCK_R", "BLOCK_V", "BLOCK_D", "num_warps",
                                        "num_stages")}
         else:
-            cfg = tlm.backward_config(n, v, d, dtype, arch=arch)
+            cfg = tlm.backward_config(n, v, d, dtype, arch=arch, precision=precision)
         if cfg not in seen:
             seen.append(cfg)
     return seen
@@ -127,12 +130,12 @@ def cases(archs, quick: bool = False) -> list[Case]:
             precs = ("tf32",) if quick and dt == "fp32" else precs
             tdt = getattr(torch, DTYPES[dt])
             for prec in precs:
-                for cfg in _configs("forward", arch, tdt):
+                for cfg in _configs("forward", arch, tdt, prec):
                     for bias, ent, one in itertools.product((True, False), repeat=3):
                         if not quick or (bias and ent and not one):
                             out.append(Case("forward", arch, dt, prec,
                                             dict(bias=bias, entropy=ent, S1=one), cfg))
-                for cfg in _configs("backward", arch, tdt):
+                for cfg in _configs("backward", arch, tdt, prec):
                     for bias, ent, dw in itertools.product((True, False), repeat=3):
                         if not quick or (bias and ent and dw):
                             out.append(Case("backward", arch, dt, prec,
@@ -234,11 +237,11 @@ def blocks_per_sm(arch: Arch, regs: int, num_warps: int, smem: int) -> tuple[int
     """Resident blocks per SM and what limits them (registers are allocated per warp in units
     of 256, shared memory with ``smem_reserved`` bytes per block)."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    limits = {"warps": arch.max_warps // num_warps,
-              "regs": (arch.regs_per_sm // per_warp) // num_warps,
-              "smem": arch.smem_per_sm // (smem + arch.smem_reserved) if smem else arch.max_blocks,
-              "blocks": arch.max_blocks}
-    lim = min(limits, key=lambda k: (limits[k], k != "regs"))
+    limits = {"regs": (arch.regs_per_sm // per_warp) // num_warps,
+              "warps": arch.max_warps // num_warps, "blocks": arch.max_blocks}
+    if smem:
+        limits["smem"] = arch.smem_per_sm // (smem + arch.smem_reserved)
+    lim = min(limits, key=lambda k: limits[k])     # ties: the first listed
     return limits[lim], lim
 
 
@@ -253,17 +256,21 @@ def compile_case(case: Case) -> Result:
         fn, sig, const, div = _source(case)
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
         opts = dict(num_warps=case.config["num_warps"], num_stages=case.config["num_stages"])
-        ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                            target=GPUTarget("cuda", case.arch, 32), options=opts)
-        gpu_name = f"sm_{case.arch}" + ("a" if case.arch >= 90 else "")
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):   # TRITON_DUMP_PTXAS_LOG: triton's `ptxas -v`
+            ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                target=GPUTarget("cuda", case.arch, 32), options=opts)
+        log = log.getvalue()
         with tempfile.TemporaryDirectory() as tmp:
             ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
             ptx.write_text(ck.asm["ptx"])
             cubin.write_bytes(ck.asm["cubin"])
-            log = subprocess.run([_tool("ptxas", case.arch), "-lineinfo", "-v",
-                                  "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", str(ptx),
-                                  "-o", str(Path(tmp, "v.cubin"))],
-                                 capture_output=True, text=True, check=True).stderr
+            if "registers" not in log:   # a triton without the log knob: run ptxas -v again
+                gpu_name = f"sm_{case.arch}" + ("a" if case.arch >= 90 else "")
+                log = subprocess.run([_tool("ptxas", case.arch), "-lineinfo", "-v",
+                                      "--regAllocOptLevel=2", f"--gpu-name={gpu_name}",
+                                      str(ptx), "-o", str(Path(tmp, "v.cubin"))],
+                                     capture_output=True, text=True, check=True).stderr
             sass = subprocess.run([_tool("cuobjdump", case.arch), "-sass", str(cubin)],
                                   capture_output=True, text=True, check=True).stdout
         for k, v in parse_ptxas(log).items():
@@ -303,6 +310,7 @@ def source_hash() -> str:
         h.update((REPO / "cepo_kernels" / "kernels" / name).read_bytes())
     for fn in (tlm.forward_config, tlm.backward_config):
         h.update(inspect.getsource(fn).encode())
+    h.update(repr((tlm._FORWARD, tlm._BACKWARD)).encode())
     return h.hexdigest()[:16]
 
 
@@ -358,101 +366,11 @@ def run_cases(todo: list[Case], jobs: int, cache: Path | None) -> list[Result]:
     return [results[i] for i in range(len(todo))]
 
 
-# --------------------------------------------------------------------------------------------
-# Output: table, CSV, markdown
-
-COLUMNS = ["kernel", "arch", "dtype", "precision", "flags", "config", "regs", "stack",
-           "spill_stores", "spill_loads", "smem", "smem_limit", "blocks_per_sm", "limiter",
-           "tensor_core", "status", "problems", "compile_s"]
-
-
-def rows(results: list[Result]) -> list[dict]:
-    out = []
-    for r in results:
-        flags, cfg = r.case.label()
-        out.append(dict(kernel=r.case.kernel, arch=f"sm_{r.case.arch}", dtype=r.case.dtype,
-                        precision=r.case.precision, flags=flags, config=cfg, regs=r.regs,
-                        stack=r.stack, spill_stores=r.spill_stores, spill_loads=r.spill_loads,
-                        smem=r.smem, smem_limit=ARCHS[r.case.arch].smem_per_block,
-                        blocks_per_sm=r.blocks_per_sm, limiter=r.limiter,
-                        tensor_core=r.tensor_core, status=r.status,
-                        problems="; ".join(r.problems + ([r.error] if r.error else [])),
-                        compile_s=r.compile_s))
-    return out
-
-
-def table(rs: list[dict], cols=None) -> str:
-    cols = cols or [c for c in COLUMNS if c not in ("smem_limit", "problems", "compile_s")]
-    head = {"spill_stores": "spill st", "spill_loads": "spill ld", "blocks_per_sm": "blk/SM",
-            "tensor_core": "tensor-core SASS", "smem": "smem B"}
-    lines = ["| " + " | ".join(head.get(c, c) for c in cols) + " |",
-             "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rs]
-    return "\n".join(lines)
-
-
-def summary(rs: list[dict]) -> list[dict]:
-    """One row per (kernel, arch, dtype/precision, config): the worst case over the flags."""
-    groups: dict = {}
-    for r in rs:
-        groups.setdefault((r["kernel"], r["arch"], r["dtype"], r["precision"], r["config"]),
-                          []).append(r)
-    out = []
-    for (kernel, arch, dtype, prec, cfg), g in groups.items():
-        ok = all(x["status"] == "ok" for x in g)
-        out.append(dict(kernel=kernel, arch=arch,
-                        dtype=dtype + (f" ({prec})" if prec not in ("ieee", "-") else ""),
-                        config=cfg, cases=len(g), regs=max(x["regs"] for x in g),
-                        stack=max(x["stack"] for x in g),
-                        spill_stores=max(x["spill_stores"] for x in g),
-                        spill_loads=max(x["spill_loads"] for x in g),
-                        smem=max(x["smem"] for x in g),
-                        blocks_per_sm=min(x["blocks_per_sm"] for x in g),
-                        tensor_core=g[0]["tensor_core"].split(" ")[0],
-                        status="ok" if ok else "FAIL"))
-    return out
-
-
-SUMMARY_COLS = ["kernel", "arch", "dtype", "config", "cases", "regs", "stack", "spill_stores",
-                "spill_loads", "smem", "blocks_per_sm", "tensor_core", "status"]
-
-
-def markdown(rs: list[dict], meta: dict) -> str:
-    bad = [r for r in rs if r["status"] != "ok"]
-    v = meta["versions"]
-    lines = [
-        "## AOT compile check of the Triton kernels", "",
-        f"`{meta['command']}`: {len(rs)} compiles, {len(bad)} with a problem; "
-        f"triton {v['triton']}, ptxas {v['ptxas']} (sm_80) / {v.get('ptxas_sm90+')} (sm_90+); "
-        f"kernel sources {meta['source_hash']}.", "",
-        "Worst case over the flag combinations (bias, entropy, dW; finalize: streams S, "
-        "entropy, contrastive, Â) of each kernel, target, input dtype and launch config: "
-        "registers per thread, stack frame and spill bytes (`ptxas -v`), dynamic shared memory "
-        "(bytes), resident blocks per SM (registers, warps and shared memory), tensor-core "
-        "instructions in the SASS (HGMMA = sm_90 wgmma, HMMA = mma.sync). Config: blocks "
-        "R/N × V × D, warps, pipeline stages.", "",
-        table(summary(rs), SUMMARY_COLS)]
-    if bad:
-        lines += ["", "### Problems", "", table(bad)]
-    return "\n".join(lines) + "\n"
-
-
-def write(rs: list[dict], meta: dict, out: Path) -> None:
-    import csv
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "aot.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rs)
-    (out / "aot_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "aot.md").write_text(markdown(rs, meta) + "\n### Every case\n\n" + table(rs) + "\n")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=None,
-                   help="compute capabilities (default: 80 90, and 100 when ptxas supports it)")
+                   help="compute capabilities (default: 80 90, and 100 when ptxas supports it "
+                   "and not --quick)")
     p.add_argument("--quick", action="store_true", help="the CI subset (about 12 compiles)")
     p.add_argument("--kernel", nargs="+", choices=["forward", "finalize", "backward"])
     p.add_argument("--out", type=Path, default=None,
@@ -460,12 +378,16 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-cache", action="store_true")
     args = p.parse_args(argv)
+    from bench.aot_report import SUMMARY_COLS, rows, summary, table, write
+
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench.aot: triton was imported in interpreter mode; run it in a fresh "
                          "process without TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # what the kernels run with
-    archs = args.arch or [80, 90] + ([100] if _supports(100) else [])
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"    # so that ptxas runs and its log is printed
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    archs = args.arch or [80, 90] + ([100] if _supports(100) and not args.quick else [])
     todo = [c for c in cases(archs, args.quick) if not args.kernel or c.kernel in args.kernel]
     cache = None if args.no_cache else Path(
         os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser() / "aot"

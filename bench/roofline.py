@@ -129,6 +129,37 @@ def markdown(rs: list[dict] | None = None, gpu: str = "H200") -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_for(name: str | None) -> Gpu:
+    """The model GPU for a device name (H100 / A100 by name, else H200)."""
+    name = (name or "").upper()
+    for key, g in (("H100", GPUS[1]), ("A100", GPUS[0])):
+        if key in name:
+            return g
+    return GPUS[2]
+
+
+def compare(measured: list[dict], gpu_name: str | None) -> str:
+    """Measured kernel times (bench rows: workload, n, d, v, dtype, time_median_s) beside the
+    model: roofline time, fraction of it reached, and the 70% goal."""
+    g = gpu_for(gpu_name)
+    lines = [f"Analytic model on {g.name} ({g.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+             f"{g.hbm_bytes / 1e12:.2f} TB/s; `python -m bench.roofline`): t at peak = "
+             "max(FLOPs / peak, HBM bytes / bandwidth), FLOPs with the backward's recompute; "
+             f"goal: t ≤ t at peak / {GOAL}.", "",
+             "| workload | N | D | FLOPs | t at peak | measured | of peak | goal ≤ | status |",
+             "|" + "---|" * 9]
+    for r in measured:
+        b = 4 if "32" in str(r["dtype"]) else 2
+        c = counts(r["workload"], int(r["n"]), int(r["d"]), int(r["v"]), b=b)
+        e = expected(c, g)
+        t = r["time_median_s"]
+        lines.append(f"| {r['workload']} | {int(r['n']):,} | {int(r['d'])} | "
+                     f"{_si(c['flops'], 'FLOP')} | {e['t_roof'] * 1e3:.2f} ms | "
+                     f"{t * 1e3:.2f} ms | {e['t_roof'] / t:.0%} | {e['t_goal'] * 1e3:.2f} ms | "
+                     f"{'met' if t <= e['t_goal'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__.split(
         "\n\n")[0])
