@@ -96,3 +96,17 @@ def test_expected_times_follow_the_roofline():
     assert roofline.expected(small, h200)["bound"] == "memory"
     with pytest.raises(ValueError, match="workload"):
         roofline.counts("train", 1, 1)
+
+
+def test_measured_times_are_judged_against_the_model():
+    """The bench report's analytic section: fraction of the roofline reached and the 70% goal."""
+    c = roofline.counts("scoring", 16384, 2048)
+    t_peak = c["flops"] / 989e12
+    fast = dict(workload="scoring", n=16384, d=2048, v=151936, dtype="bfloat16",
+                time_median_s=t_peak / 0.8)
+    slow = dict(fast, time_median_s=t_peak / 0.5)
+    text = roofline.compare([fast, slow], "NVIDIA H200")
+    assert "| 80% |" in text and "| 50% |" in text
+    assert text.count("| met |") == 1 and text.count("| MISSED |") == 1
+    assert roofline.gpu_for("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert roofline.gpu_for(None).name == "H200"
