@@ -70,7 +70,8 @@ def test_tile_traffic_matches_a_walk_of_the_grid(workload, b):
 def test_compulsory_bytes_are_the_kernels_tensors(workload):
     """Each kernel's inputs and outputs, listed as the tensors the launch code allocates."""
     bf16, f32, i32 = torch.bfloat16, torch.float32, torch.int32
-    t = lambda *shape, dt=f32: torch.empty(*shape, dtype=dt).nbytes  # noqa: E731
+    def t(*shape, dt=f32):
+        return torch.empty(*shape, dtype=dt).nbytes
     rows = S * N if workload == "scoring" else N
     part = t(3, 1, rows)                                   # m, d, t; one split
     fwd = t(rows, D, dt=bf16) + t(V, D, dt=bf16) + t(N, dt=i32) + part
