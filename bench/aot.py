@@ -206,7 +206,7 @@ def _tool(name: str, arch: int) -> str:
 
         if name == "ptxas":
             return get_ptxas(arch).path
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, TypeError):   # older triton: no per-arch ptxas
         pass
     import triton
 
