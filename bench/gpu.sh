@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Full GPU comparison (issue 5) on one CUDA GPU, in under 8 minutes on an H200.
+# Full GPU comparison on one CUDA GPU, in under 8 minutes on an H200, after the AOT compile
+# check of the kernels for this GPU's architecture (python -m bench.aot, results in OUT_DIR/aot).
 #
 #   bash bench/gpu.sh OUT_DIR                 # install what is missing, run, write OUT_DIR/
 #   bash bench/gpu.sh OUT_DIR --wheels DIR    # offline: install from wheels in DIR (pip --no-index)
@@ -89,8 +90,18 @@ need cut_cross_entropy "cut-cross-entropy>=25.1" --no-deps
 need matplotlib "matplotlib>=3.7"
 [ "$MICRO" = 1 ] && need pytest_benchmark "pytest-benchmark>=4"
 
-# 3. The comparison (bench/run.py PRESETS["cuda", "full"]), then the optional micro suite
+# 3. AOT compile check for this GPU's architecture (bench/aot.py; ~30 s on 16 cores): every
+#    kernel config compiles without spills; results in OUT/aot/. Reported, never fatal here.
 cd "$REPO" || exit 2
+CC=$("$PY" -c "import torch; c = torch.cuda.is_available(); \
+p = torch.cuda.get_device_capability(0) if c else (9, 0); print(10 * p[0] + p[1])")
+if [ "$DRY" = 1 ]; then log "+ $PY -m bench.aot --arch $CC --out $OUT/aot"
+else
+  run timeout 120 "$PY" -m bench.aot --arch "$CC" --out "$OUT/aot" --jobs "$(nproc)"
+  log "AOT check for sm_$CC: status $? (0 = every config compiles without spills)"
+fi
+
+# 4. The comparison (bench/run.py PRESETS["cuda", "full"]), then the optional micro suite
 ARGS=(-m bench --full --device cuda --out "$OUT" --max-minutes "$BUDGET_MIN")
 if [ "$DRY" = 1 ]; then
   log "+ $PY ${ARGS[*]}"

@@ -345,6 +345,12 @@ def markdown(rows: list[dict], meta: dict, img_prefix: str = "") -> str:
                 for m in others:
                     lines += [f"N = {m:,}:", ""] + _headline_table(rows, workload, m, d) + [""]
                 lines += ["</details>"]
+    ours = [r for r in _ok(rows, impl="ours") if r["device"] == "cuda"]
+    if ours:
+        from bench.roofline import compare
+
+        lines += ["", "### Analytic model", "",
+                  compare(ours, (meta.get("gpu") or {}).get("name")).rstrip()]
     errs = [r for r in rows if r.get("err_vs_naive") is not None]
     if errs:
         worst = max(errs, key=lambda r: r["err_vs_naive"])
@@ -470,16 +476,18 @@ README_BEGIN = "<!-- bench:begin (python -m bench.report ... --readme) -->"
 README_END = "<!-- bench:end -->"
 
 
-def write_readme_section(readme: Path, text: str) -> None:
-    """Replace the README's generated benchmark section (between the markers) with ``text``,
-    its headings pushed one level down, so the README table always comes from the results."""
+def write_readme_section(readme: Path, text: str, begin: str = README_BEGIN,
+                         end: str = README_END, demote: bool = True) -> None:
+    """Replace the README's generated section (between the markers) with ``text``, its headings
+    pushed one level down if ``demote``, so the README table always comes from the results."""
     doc = readme.read_text()
-    if README_BEGIN not in doc or README_END not in doc:
-        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} markers")
-    body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
-    head, rest = doc.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{readme} has no {begin!r} ... {end!r} markers")
+    body = "\n".join("#" + line if demote and line.startswith("#") else line
+                     for line in text.splitlines())
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,12 @@ def main(argv=None) -> int:
         print(f"  {name:14s} {'runs' if ok else 'NOT RUN: ' + why}")
     if args.device == "cpu" and any(c.d < 2048 for c in cases):
         print("  note: D < 2048 on CPU keeps the run short; the logits' size does not depend on D")
+    if args.device == "cuda":   # the figures the measurements are judged against
+        from bench import roofline
+
+        shapes = list(dict.fromkeys((c.workload, c.n, c.d) for c in cases if c.impl == "ours"))
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        print(roofline.markdown(roofline.rows(shapes), gpu=roofline.gpu_for(gpu).name))
     if args.dry_run:
         for c in cases:
             if avail[c.impl][0]:

@@ -30,32 +30,82 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _arch(device: Optional[torch.device], arch: Optional[int]) -> int:
+    """Compute capability as an int (80, 90, ...): ``arch`` if given, else the CUDA device's
+    (the current one when ``device`` is None), else 90."""
+    if arch is not None:
+        return int(arch)
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def _family(arch: int) -> int:
+    """Config family: 90 (Hopper, wgmma), 100 (datacenter Blackwell, tcgen05), else 80
+    (mma.sync: Ampere, Ada, consumer Blackwell)."""
+    return 90 if 90 <= arch < 100 else 100 if 100 <= arch < 120 else 80
+
+
+# (rows per block, BLOCK_V, BLOCK_D, num_warps, num_stages) per (family, dot inputs): the
+# largest tiles that compile without register spills at every flag combination and fit the
+# family's shared memory (python -m bench.aot checks each one for sm_80, sm_90 and sm_100).
+# "16" = bf16/fp16 tensor cores, "tf32" = fp32 on tensor cores, "ieee" = exact fp32 (FMA).
+_FORWARD = {
+    (80, "16"): (128, 128, 64, 8, 2), (90, "16"): (128, 128, 64, 8, 2),
+    (100, "16"): (128, 64, 64, 8, 3),
+    (80, "tf32"): (128, 128, 32, 8, 2), (90, "tf32"): (128, 64, 32, 8, 3),
+    (100, "tf32"): (128, 64, 32, 8, 3),
+    (80, "ieee"): (128, 64, 16, 8, 2), (90, "ieee"): (128, 64, 16, 8, 2),
+    (100, "ieee"): (128, 64, 16, 8, 2),
+}
+_BACKWARD = {
+    (80, "16"): (128, 128, 32, 8, 3), (90, "16"): (128, 128, 64, 8, 3),
+    (100, "16"): (128, 128, 32, 8, 2),
+    (80, "tf32"): (128, 128, 16, 8, 2), (90, "tf32"): (128, 128, 32, 8, 2),
+    (100, "tf32"): (128, 128, 32, 8, 2),
+    (80, "ieee"): (64, 64, 16, 4, 2), (90, "ieee"): (64, 64, 16, 8, 2),
+    (100, "ieee"): (64, 64, 16, 8, 3),
+}
+
+
+def _tile(table: dict, dtype: torch.dtype, arch: int, precision: Optional[str]) -> tuple:
+    kind = "16" if dtype != torch.float32 else (precision or _dot_precision(dtype))
+    return table[(_family(arch), kind)]
+
+
+def forward_config(rows: int, V: int, D: int, dtype: torch.dtype, device: torch.device,
+                   arch: Optional[int] = None, precision: Optional[str] = None) -> dict:
     """Blocks, warps and vocab splits of the forward kernel.
 
-    On GPU: 128×128 logit tiles with 64-wide hidden chunks (bf16 tensor cores on Hopper), and the
-    vocabulary split so that row_blocks × splits fills every SM a few times over even for small
-    N. Under the interpreter: the largest blocks, because each program step costs milliseconds.
+    On GPU: the tile of ``_FORWARD`` for the device's architecture (``arch``, e.g. 80, to ask
+    for another one; ``precision`` "ieee"/"tf32" for fp32 dots, default as the launch decides),
+    and the vocabulary split so that row_blocks × splits fills every SM a few times over even
+    for small N. Under the interpreter: the largest blocks (each program step costs ms).
     """
     if interpreting():
         return dict(BLOCK_R=_pow2(rows, 16, 64), BLOCK_V=_pow2(V, 16, 1024),
                     BLOCK_D=_pow2(D, 16, 128), splits=1, num_warps=4, num_stages=1)
-    block_r, block_v, block_d = 128, 128, 64
-    if dtype == torch.float32:
-        block_d = 32
+    block_r, block_v, block_d, warps, stages = _tile(_FORWARD, dtype, _arch(device, arch),
+                                                     precision)
     row_blocks = triton.cdiv(rows, block_r)
     splits = max(1, min(triton.cdiv(4 * _num_sms(device), row_blocks), triton.cdiv(V, block_v)))
-    return dict(BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=block_d, splits=splits, num_warps=8,
-                num_stages=3)
+    return dict(BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=block_d, splits=splits,
+                num_warps=warps, num_stages=stages)
 
 
-def backward_config(N: int, V: int, D: int, dtype: torch.dtype) -> dict:
-    """Blocks and warps of the backward kernel (one program per logit tile)."""
+def backward_config(N: int, V: int, D: int, dtype: torch.dtype,
+                    device: Optional[torch.device] = None, arch: Optional[int] = None,
+                    precision: Optional[str] = None) -> dict:
+    """Blocks and warps of the backward kernel (one program per logit tile); ``_BACKWARD``
+    per architecture, arguments as for ``forward_config``."""
     if interpreting():
         return dict(BLOCK_N=_pow2(N, 16, 64), BLOCK_V=_pow2(V, 16, 1024),
                     BLOCK_D=_pow2(D, 16, 128), num_warps=4, num_stages=1)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64 if dtype != torch.float32 else 32,
-                num_warps=8, num_stages=3)
+    block_n, block_v, block_d, warps, stages = _tile(_BACKWARD, dtype, _arch(device, arch),
+                                                     precision)
+    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps,
+                num_stages=stages)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
