@@ -123,3 +123,13 @@ def test_readme_block_is_generated_from_the_committed_table():
     assert aot_report.README_BEGIN in text and aot_report.README_END in text
     block = text.split(aot_report.README_BEGIN, 1)[1].split(aot_report.README_END, 1)[0]
     assert block.strip() == aot_report.readme_block(COMMITTED).strip()
+
+
+def test_source_hash_ignores_comments_but_not_code():
+    """Rewording a comment in a kernel leaves the committed table current; a code change does
+    not."""
+    base = aot._code_only("def k(x):\n    y = x + 1  # one\n    return y\n")
+    assert base == aot._code_only("def k(x):\n    # a new comment\n\n    y = x + 1  # two\n"
+                                  "    return y\n")
+    assert base != aot._code_only("def k(x):\n    y = x + 2  # one\n    return y\n")
+    assert base != aot._code_only("def k(x):\n    y = x + 1\n    return x\n")

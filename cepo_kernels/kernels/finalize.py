@@ -81,7 +81,7 @@ def finalize_kernel(
         tl.store(LP_OUT + N + toks, lp_pos, mask=ok)
         tl.store(LP_OUT + 2 * N + toks, lp_neg, mask=ok)
         if WITH_ADV:
-            # 3. CEPO token weights in log space (SPEC §2)
+            # 3. CEPO token weights in log space (docs/METHOD.md, "Advantages")
             lam = tl.load(HPARAMS)
             log_lo = tl.load(HPARAMS + 1)
             log_hi = tl.load(HPARAMS + 2)
