@@ -1,6 +1,6 @@
 """The training configuration: nested frozen dataclasses, presets, YAML files, CLI overrides.
 
-Every default below is the `paper` preset (SPEC §7) with a one-line why. A run's config is built
+Every default below is the `paper` preset (docs/METHOD.md, "Presets") with a one-line why. A run's config is built
 in layers, later ones winning:
 
     preset (`paper` | `reference`)
@@ -37,7 +37,7 @@ from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
 ALGOS = ("cepo", "rlsd", "grpo")
-# SPEC §7: lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
+# docs/METHOD.md, "Presets": lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
 # cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
 MAX_SEED = 2**29 - 1
@@ -79,9 +79,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LoraSettings:
     enabled: bool = True  # False: full fine-tuning
-    rank: int = 16  # SPEC §7
+    rank: int = 16  # docs/METHOD.md, "Presets"
     alpha: float = 32.0  # paper README 32; the reference scripts use 64
-    dropout: float = 0.0  # SPEC §7
+    dropout: float = 0.0  # docs/METHOD.md, "Presets"
     target_modules: tuple[str, ...] = ("all-linear",)  # peft names; all-linear skips the lm_head
     exclude_modules: str = r".*visual.*"  # regex of modules never adapted: the vision tower
 
@@ -121,7 +121,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CEPOSettings:
-    lam0: float = 0.5  # λ at step 1 (SPEC §4)
+    lam0: float = 0.5  # λ at step 1 (docs/METHOD.md, "Schedules")
     lam_warmup_steps: int = 25  # T_warm: λ falls linearly to 0 at step T_warm + 1; 0: constant
     # λ_k = λ0·max(0, 1 − (k − 1 + lam_offset)/T_warm): rlsd's 1 starts at 0.48, ends a step early
     lam_offset: int | None = None  # None: 0 (cepo, grpo), 1 (rlsd, the reference RLSD script)
@@ -144,8 +144,8 @@ class AdvantageConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float | None = None  # None: 5e-6 for cepo, 1e-6 for grpo and rlsd (SPEC §7)
-    weight_decay: float = 0.01  # AdamW, SPEC §7
+    lr: float | None = None  # None: 5e-6 for cepo, 1e-6 for grpo and rlsd (docs/METHOD.md, "Presets")
+    weight_decay: float = 0.01  # AdamW, docs/METHOD.md, "Presets"
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults
     eps: float = 1e-8  # AdamW default
     grad_clip: float = 1.0  # max global grad norm; 0: no clipping
@@ -176,11 +176,11 @@ class PPOConfig:
     micro_batch_size: int = 8  # rollouts per forward/backward; gradients accumulate over them
     epochs: int = 1  # passes over each rollout batch
     shuffle: bool = False  # shuffle rollouts before splitting into mini-batches
-    clip_low: float = 0.2  # SPEC §3
-    clip_high: float = 0.28  # SPEC §3 (DAPO clip-higher)
-    clip_dual: float = 3.0  # SPEC §3
+    clip_low: float = 0.2  # docs/METHOD.md, "Loss"
+    clip_high: float = 0.28  # docs/METHOD.md, "Loss" (DAPO clip-higher)
+    clip_dual: float = 3.0  # docs/METHOD.md, "Loss"
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
-        "token-mean"  # SPEC §3: token mean over the whole mini-batch
+        "token-mean"  # docs/METHOD.md, "Loss": token mean over the whole mini-batch
     )
 
     def __post_init__(self):
@@ -196,8 +196,8 @@ class PPOConfig:
 class ValConfig:
     every: int = 5  # validate every N steps (and after the last); 0: never
     before_train: bool = True  # also at step 0, the starting point of the reward curve
-    temperature: float = 0.6  # SPEC §7 validation sampling
-    top_p: float = 0.95  # SPEC §7
+    temperature: float = 0.6  # docs/METHOD.md, "Presets" validation sampling
+    top_p: float = 0.95  # docs/METHOD.md, "Presets"
     max_new_tokens: int | None = None  # None: rollout.max_new_tokens
     batch_size: int = 64  # prompts per generate call
 
@@ -235,9 +235,9 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: Literal["paper", "reference"] = "paper"  # SPEC §7 column the values start from
+    preset: Literal["paper", "reference"] = "paper"  # docs/METHOD.md, "Presets" column the values start from
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"  # grpo = no teachers (λ ≡ 0)
-    steps: int = 50  # training steps; one step = one rollout batch (SPEC §4)
+    steps: int = 50  # training steps; one step = one rollout batch (docs/METHOD.md, "Schedules")
     prompts_per_step: int = 32  # prompts per rollout batch, over all processes (× group_size)
     seed: int = 0  # data order, sampling, LoRA init, synthetic data
     output_dir: str = "runs/{preset}-{algo}"  # {preset} and {algo} are filled in
@@ -292,7 +292,7 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        """The learning rate in use (`optim.lr`, or the algorithm's SPEC §7 value)."""
+        """The learning rate in use (`optim.lr`, or the algorithm's docs/METHOD.md, "Presets" value)."""
         return self.optim.lr if self.optim.lr is not None else DEFAULT_LR[self.algo]
 
 
@@ -300,14 +300,14 @@ class TrainConfig:
 
 
 def paper() -> TrainConfig:
-    """SPEC §7, paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8, LoRA r16/α32,
+    """docs/METHOD.md, "Presets", paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8, LoRA r16/α32,
     cosine lr with 5 warm-up steps, ε_w 0.5 (the RLSD baseline: ε_w 0.2, λ_k = 0.5·(1 − k/25)),
     images of 262,144 to 4,194,304 pixels."""
     return TrainConfig()
 
 
 def reference() -> TrainConfig:
-    """SPEC §7, reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2, and the
+    """docs/METHOD.md, "Presets", reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2, and the
     reference code's own choices where they differ from the paper: r- chosen as it does (lowest
     reward below 0.5, unboxed allowed, so the hint can be " None"), r- = r+ for a group without
     one, image-blind teachers (pads for the image), and its group std (uniform groups keep the
@@ -665,11 +665,11 @@ def help_text(prog: str = "python -m cepo.train") -> str:
     lines = [
         f"usage: {prog} [--config FILE ...] [--preset {{{','.join(PRESETS)}}}] [--KEY VALUE ...]",
         "",
-        "Train a Qwen3-VL policy with CEPO, RLSD or GRPO (SPEC.md). Without arguments: the",
+        "Train a Qwen3-VL policy with CEPO, RLSD or GRPO (docs/METHOD.md). Without arguments: the",
         "offline tiny run on the CPU (built-in tiny Qwen3-VL, synthetic data, a few minutes).",
         "",
         "  --config FILE   YAML file(s) of options (default: the offline tiny run)",
-        "  --preset NAME   SPEC §7 column the values start from: paper (default) or reference",
+        "  --preset NAME   docs/METHOD.md, 'Presets' column the values start from: paper (default) or reference",
         "  --KEY VALUE     any option below, as a dotted key; the last part alone when unique",
         "",
         "option (type)  default = paper preset  [offline default when different]  why",

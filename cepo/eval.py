@@ -1,6 +1,6 @@
 """Validation and ``python -m cepo.eval``: accuracy and format rate of a policy on a split.
 
-Sampling follows SPEC §7's validation settings (T 0.6, top_p 0.95, one sample per prompt) unless
+Sampling follows docs/METHOD.md, "Presets"'s validation settings (T 0.6, top_p 0.95, one sample per prompt) unless
 told otherwise. The trainer calls `evaluate` every ``val.every`` steps; the command line scores a
 saved run:
 

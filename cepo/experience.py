@@ -4,7 +4,7 @@
             -> teacher contexts (r+, r-) -> student + teacher log-probs -> Δ, w, Â
 
 `make_experience` is what the training loop calls once per rollout batch, with the λ of that
-step (the schedule of SPEC §4 lives with the trainer). With λ = 0, ε_w = 0 or ``algo="grpo"``
+step (the schedule of docs/METHOD.md, "Schedules" lives with the trainer). With λ = 0, ε_w = 0 or ``algo="grpo"``
 the teacher passes are skipped and Â = A on every response token.
 """
 
@@ -34,7 +34,7 @@ from cepo.teachers import (
 
 @dataclass(frozen=True)
 class ExperienceConfig:
-    """Settings of one experience step; defaults are SPEC §7 (preset `paper`)."""
+    """Settings of one experience step; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
 
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"
     eps_w: float = 0.5
@@ -134,7 +134,7 @@ def make_experience(
     timings["time/reward"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    # Teachers see logits divided by the rollout temperature, like the student (SPEC §5).
+    # Teachers see logits divided by the rollout temperature, like the student (docs/METHOD.md, "Teachers").
     temperature = config.rollout.temperature or 1.0
     teachers_on = config.algo != "grpo" and lam > 0 and config.eps_w > 0
     wrong_answers: list[list[str]] = [[] for _ in prompts]

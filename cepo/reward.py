@@ -1,4 +1,4 @@
-"""The Geo3k reward of SPEC §6: 0.9 · accuracy + 0.1 · format.
+"""The Geo3k reward of docs/METHOD.md, "Grading and reward": 0.9 · accuracy + 0.1 · format.
 
 format   = the response contains a complete ``\\boxed{...}``;
 accuracy = the content of the last one grades equal to the ground truth (`cepo.grading`).

@@ -20,7 +20,7 @@ from cepo.models import unwrap_model
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling settings; defaults are SPEC §7 (preset `paper`)."""
+    """Sampling settings; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
 
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0  # 0 means greedy

@@ -3,11 +3,11 @@
     for each epoch, for each mini-batch (an optimizer step):
         for each micro-batch of rollouts (gradient accumulation):
             hidden = the model's response hidden states              [b, t, D], with grad
-            loss   = CEPOLoss(hidden, lm_head weight, Â, old log-probs)   (SPEC §3, no logits)
+            loss   = CEPOLoss(hidden, lm_head weight, Â, old log-probs)   (docs/METHOD.md, "Loss", no logits)
             backward
         clip the global grad norm, AdamW step (skipped if the loss or norm is NaN/inf)
 
-Token mean, exactly: SPEC §3's loss is the mean of ℓ_t over every valid token of the mini-batch,
+Token mean, exactly: docs/METHOD.md, "Loss"'s loss is the mean of ℓ_t over every valid token of the mini-batch,
 on all processes together. Each micro-batch therefore divides its token sum by the mini-batch's
 global token count (all-reduced before the first micro-batch), times the number of processes
 because DDP averages gradients over them. The same holds for the other aggregations with

@@ -1,4 +1,4 @@
-"""CEPO token weights and advantages (SPEC §2), in fp32 and in log space.
+"""CEPO token weights and advantages (docs/METHOD.md, "Advantages"), in fp32 and in log space.
 
     Δ_t = lp⁺_t − lp⁻_t          w_t = exp(sign(A)·Δ_t)
     Â_t = A · [(1 − λ) + λ · clip(w_t, 1 − ε_w, 1 + ε_w)],   Â_t = 0 where masked out
@@ -54,7 +54,7 @@ def token_weights(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w) -
 def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
                     neg_logprobs: torch.Tensor, mask: Optional[torch.Tensor], *, lam: float,
                     eps_w: float, validate: bool = True) -> torch.Tensor:
-    """Â per SPEC §2 from any log-probs; pass the student's as ``neg_logprobs`` to get RLSD.
+    """Â per docs/METHOD.md, "Advantages" from any log-probs; pass the student's as ``neg_logprobs`` to get RLSD.
 
     Args:
         advantages: GRPO advantages A_i, per token (like ``pos_logprobs``) or per sequence (B,).

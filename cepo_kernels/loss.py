@@ -1,4 +1,4 @@
-"""The PPO clipped surrogate of SPEC §3 with Â in place of A, and its aggregations.
+"""The PPO clipped surrogate of docs/METHOD.md, "Loss" with Â in place of A, and its aggregations.
 
     ρ_t = exp(lp_t − lp_old_t)
     ℓ_t = −min(ρ_t Â_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) Â_t),

@@ -2,7 +2,7 @@
 
 These build the full N×V logits on purpose, so they are simple enough to trust. They run in
 whatever dtype they are given (pass float64 tensors for a ground truth) and are never used as a
-backend. The formulas follow SPEC.md §2–§3 symbol for symbol.
+backend. The formulas follow docs/METHOD.md, "Advantages" and "Loss" symbol for symbol.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def entropy(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=
 
 
 def logmeanexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """log(mean_k exp(x_k)): the K-wrong-answer mixture of SPEC §2."""
+    """log(mean_k exp(x_k)): the K-wrong-answer mixture of docs/METHOD.md, "Advantages"."""
     return torch.logsumexp(x, dim=dim) - torch.log(torch.tensor(float(x.shape[dim]), dtype=x.dtype))
 
 
@@ -56,7 +56,7 @@ def cepo_advantages(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w)
 
 def ppo_clip_token_loss(logprobs, old_logprobs, advantages, *, clip_low=0.2, clip_high=0.28,
                         clip_dual=3.0):
-    """Per-token dual-clip PPO loss ℓ_t of SPEC §3 (no masking, no aggregation)."""
+    """Per-token dual-clip PPO loss ℓ_t of docs/METHOD.md, "Loss" (no masking, no aggregation)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)

@@ -26,8 +26,8 @@ from cepo.teachers import select_wrong_answers
 from cepo.tiny import build_tiny_model
 from cepo_kernels import CEPOLoss, contrastive_evidence
 
-LAMBDA_INIT, WARMUP, EPS_W = 0.5, 25, 0.5  # SPEC §7, paper preset
-HINT = " {answer}"  # SPEC §5: the assistant turn starts with the answer, then the response
+LAMBDA_INIT, WARMUP, EPS_W = 0.5, 25, 0.5  # docs/METHOD.md, "Presets", paper preset
+HINT = " {answer}"  # docs/METHOD.md, "Teachers": the assistant turn starts with the answer, then the response
 
 
 def hidden_before_head(model, batch, response_len: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     history = []
     for step in range(1, args.steps + 1):
-        lam = LAMBDA_INIT * max(0.0, 1.0 - (step - 1) / WARMUP)  # SPEC §4
+        lam = LAMBDA_INIT * max(0.0, 1.0 - (step - 1) / WARMUP)  # docs/METHOD.md, "Schedules"
 
         # 1. teacher contexts: the same response after the ground truth and after r-
         student, pos, neg = rows(None), rows(truth), rows(wrong)

@@ -1,4 +1,4 @@
-"""SPEC §8 guarantees 1–9 as property tests (hypothesis), on cepo_advantages, the fused
+"""docs/METHOD.md, "Guarantees" guarantees 1–9 as property tests (hypothesis), on cepo_advantages, the fused
 contrastive_evidence and the CEPO loss. §8.10 (alignment) lives with the teacher contexts."""
 
 import math

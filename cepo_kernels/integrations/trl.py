@@ -10,17 +10,17 @@ trainer, for every group of ``num_generations`` rollouts (gathered across proces
 spans them):
 
 1. grades each completion's last ``\\boxed{}`` against the dataset's answer column with
-   `cepo.grading.Grader`, independently of the user's reward functions (SPEC §5: rejected =
+   `cepo.grading.Grader`, independently of the user's reward functions (docs/METHOD.md, "Teachers": rejected =
    accuracy 0); r- is the wrong answer of the lowest-reward rejected rollout (TRL's weighted
    reward sum), or the group's most frequent one;
 2. builds the teacher rows ``prompt + hint(r±) + completion`` (`trl_teachers`);
 3. runs the backbone for the student and the teachers (no grad, eval mode) and calls
    `cepo_kernels.contrastive_evidence` on the hidden states and the lm_head weight, which returns
-   Â per token (SPEC §2);
+   Â per token (docs/METHOD.md, "Advantages");
 4. replaces TRL's ``advantages`` [B] with Â [B, T]. TRL's `_compute_loss` takes (B, T)
    advantages as they are, so every loss type, vLLM, PEFT and logging keep working.
 
-λ follows SPEC §4 with one step = one generation batch, derived from ``state.global_step``
+λ follows docs/METHOD.md, "Schedules" with one step = one generation batch, derived from ``state.global_step``
 (`trl_config.generation_index`), so it survives checkpoint/resume. While λ = 0 (after
 ``cepo_lambda_warmup`` generations, or λ0 = 0) nothing extra runs: TRL's GRPO advantages pass
 through. Evaluation batches keep GRPO advantages (CEPO shapes training credit only).
@@ -69,7 +69,7 @@ IGNORE_INDEX = -100
 class CEPOBatch:
     """What the last training generation batch did (this process's rows), kept for inspection."""
 
-    generation: int  # k, the SPEC §4 step
+    generation: int  # k, the docs/METHOD.md, "Schedules" step
     lam: float  # λ_k
     grpo_advantages: torch.Tensor  # [B] TRL's advantages
     advantages: torch.Tensor  # [B, T] Â handed to TRL's loss (0 at padding)
@@ -172,7 +172,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ λ schedule
 
     def cepo_generation(self) -> int:
-        """k: the 1-based index of the generation batch now being produced (SPEC §4 step)."""
+        """k: the 1-based index of the generation batch now being produced (docs/METHOD.md, "Schedules" step)."""
         return generation_index(
             self.state.global_step, self._step,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
@@ -315,7 +315,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
         student_neg = not cepo or args.cepo_neg_fallback == "student"  # r- stand-in
         need_student = uniform or (student_neg and not all(has_neg))
         was_training = model.training
-        model.eval()  # teachers score in eval mode (SPEC §5); dropout off
+        model.eval()  # teachers score in eval mode (docs/METHOD.md, "Teachers"); dropout off
         try:
             pos_h = hidden([hinted(r, truths[r]) for r in rows], everyone, True)
             policy_h = hidden([student[r] for r in rows], everyone, False) if need_student \

@@ -1,4 +1,4 @@
-"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (SPEC §2, §4, §5), and the λ schedule.
+"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages" and "Schedules" and "Teachers"), and the λ schedule.
 
 Every CEPO field is prefixed ``cepo_`` so none can collide with a GRPOConfig field (GRPOConfig
 already has ``delta``, ``temperature``, ...). TRL's own defaults (loss type, clipping, ...) are left
@@ -20,7 +20,7 @@ TEACHER_MODELS = ("actor", "base")
 
 def cepo_lambda(generation: int, *, lambda_init: float, warmup: int, offset: int = 0) -> float:
     """λ_k = λ0 · max(0, 1 − (k − 1 + offset)/T_warm) for generation batch k = 1, 2, ...
-    (SPEC §4; offset 1 is the reference RLSD script's λ0 · (1 − k/T_warm))."""
+    (docs/METHOD.md, "Schedules"; offset 1 is the reference RLSD script's λ0 · (1 − k/T_warm))."""
     if generation < 1:
         raise ValueError(f"generation counts from 1, got {generation}")
     return lambda_init * max(0.0, 1.0 - (generation - 1 + offset) / warmup)
@@ -43,7 +43,7 @@ def generation_index(global_step: int, micro_step: int, *, gradient_accumulation
 
 @dataclass
 class CEPOConfig(GRPOConfig):
-    """GRPOConfig plus CEPO; defaults are the paper preset (SPEC §7)."""
+    """GRPOConfig plus CEPO; defaults are the paper preset (docs/METHOD.md, "Presets")."""
 
     cepo_algo: str = field(default="cepo", metadata={
         "help": "'cepo' (r+ vs r- teachers) or 'rlsd' (r+ teacher vs the student)."})

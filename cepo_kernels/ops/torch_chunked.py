@@ -20,7 +20,7 @@ column j whose logit is near the maximum (``_tile_lse``). Tiles are merged with 
 The label's logit is not gathered from the tiles: it is the indexed dot h_t·W[y_t] (+ b[y_t]),
 computed once in fp32. In the backward the true-class term 1[v = y] − p_v is formed inside the fp32
 tile, so the near-cancellation 1 − p_y of a peaked distribution is exact to fp32 before anything is
-rounded (KERNEL_ANCHORS rule 3).
+rounded (docs/METHOD.md, "Kernels").
 """
 
 from __future__ import annotations

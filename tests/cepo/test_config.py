@@ -1,4 +1,4 @@
-"""The training config: presets = SPEC §7, layers (preset → YAML → CLI), coercion, errors, help."""
+"""The training config: presets = docs/METHOD.md, "Presets", layers (preset → YAML → CLI), coercion, errors, help."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_help_lists_every_option_with_default(capsys):
     for key in C.option_types():
         assert f"--{key} " in text, key
     assert "--steps (int)" in text and "50  [30]" in text  # paper default, offline default
-    assert "λ at step 1 (SPEC §4)" in text  # the why, from the source comments
+    assert 'λ at step 1 (docs/METHOD.md, "Schedules")' in text  # the why, from the source comments
 
 
 @pytest.mark.parametrize("argv, key, allowed", [

@@ -78,7 +78,7 @@ def test_mixed_groups_give_spec_conforming_token_advantages(
     tol = 1e-6
     assert (a_hat.abs() >= a_tok.abs() * (1 - LAM * EPS_W) - tol).all()
     assert (a_hat.abs() <= a_tok.abs() * (1 + LAM * EPS_W) + tol).all()
-    # Â is the SPEC §2 formula of the returned Δ (independent recomputation)
+    # Â is the docs/METHOD.md, "Advantages" formula of the returned Δ (independent recomputation)
     delta = s.delta[mask]
     w = torch.exp(torch.sign(a_tok) * delta.double()).clamp(1 - EPS_W, 1 + EPS_W)
     torch.testing.assert_close(a_hat.double(), a_tok.double() * ((1 - LAM) + LAM * w))

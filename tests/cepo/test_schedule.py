@@ -1,4 +1,4 @@
-"""λ and lr schedules: pure functions of the training step (SPEC §4, §7)."""
+"""λ and lr schedules: pure functions of the training step (docs/METHOD.md, "Schedules" and "Presets")."""
 
 from __future__ import annotations
 
