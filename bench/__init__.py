@@ -1,2 +1,2 @@
 """Benchmarks: memory and time of cepo_kernels against naive PyTorch, TRL, Liger, CCE and the
-bare-matmul floor (issue 5). ``python -m bench --help``; results in ``bench/results/<machine>/``."""
+bare-matmul floor. ``python -m bench --help``; results in ``bench/results/<machine>/``."""

@@ -33,7 +33,7 @@ NUMERIC = {"n", "d", "v", "mem_mib", "mem_vs_naive", "mem_vs_floor", "time_media
            "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s"}
 PACKAGES = ["torch", "triton", "liger-kernel", "trl", "cut-cross-entropy", "transformers",
             "numpy", "matplotlib", "pytest-benchmark"]
-GOAL_N = {"cpu": 4096, "cuda": 16384}  # issue 5: memory goal sizes
+GOAL_N = {"cpu": 4096, "cuda": 16384}  # the sizes the memory goals are judged at
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -223,7 +223,7 @@ def _headline_table(rows: list[dict], workload: str, n: int, d: int) -> list[str
 
 
 def goals(rows: list[dict], device: str) -> list[tuple[str, str, str]]:
-    """(goal, measured, verdict) for each goal of issue 5 that this run can judge."""
+    """(goal, measured, verdict) for each benchmark goal that this run can judge."""
     out = []
     scoring = [r for r in rows if r["workload"] == "scoring"]
     ns = sorted({r["n"] for r in _ok(scoring)})
@@ -324,7 +324,7 @@ def markdown(rows: list[dict], meta: dict, img_prefix: str = "") -> str:
                   "logits' size (what dominates memory) does not depend on D, but the time "
                   "ratios do (a larger D makes the matmul a larger share of every "
                   "implementation's time).", ""]
-    lines += ["### Goals (issue 5)", "", "| goal | measured | status |", "|---|---|---|"]
+    lines += ["### Goals", "", "| goal | measured | status |", "|---|---|---|"]
     lines += [f"| {g} | {m} | **{s}** |" for g, m, s in goals(rows, device)]
     for workload in ("scoring", "update", "update_w"):
         wrows = _ok(rows, workload=workload)

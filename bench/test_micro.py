@@ -1,7 +1,7 @@
 """Micro-benchmarks (pytest-benchmark): ``pytest bench/ --benchmark-only``.
 
 Small shapes (N = 256, D = 256, V = 32,768) so the suite takes about a minute on a 2-core CPU.
-Nothing here asserts a speed: the goals are judged by ``python -m bench`` (issue 5), never in
+Nothing here asserts a speed: the goals are judged by ``python -m bench``, never in
 timed tests. Every implementation of bench/baselines.py that runs on the machine is included, so
 ours is always seen next to naive PyTorch and the bare-matmul floor.
 """

@@ -1,4 +1,4 @@
-"""Smoke test of bench/ (issue 5) at a tiny size: every benchmarked implementation that runs here
+"""Smoke test of bench/ at a tiny size: every benchmarked implementation that runs here
 returns the naive log-probs (so a baseline cannot silently drift), and the harness writes its CSV,
 markdown and metadata. No timing is asserted: speed goals live in ``python -m bench`` only."""
 

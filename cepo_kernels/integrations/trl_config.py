@@ -28,7 +28,8 @@ def cepo_lambda(generation: int, *, lambda_init: float, warmup: int, offset: int
 
 def generation_index(global_step: int, micro_step: int, *, gradient_accumulation_steps: int,
                      steps_per_generation: int, num_iterations: int) -> int:
-    """The 1-based index k of the generation batch being produced (one SPEC "step").
+    """The 1-based index k of the generation batch being produced: one training step of
+    docs/METHOD.md, "Schedules".
 
     TRL generates once every ``steps_per_generation * num_iterations`` micro-steps
     (forward/backward passes) and takes an optimizer step every ``gradient_accumulation_steps``
