@@ -202,10 +202,14 @@ def save_model(model: torch.nn.Module, directory: Path,
     """Adapter (peft) or full weights, as safetensors, in Hugging Face layout. `state_dict`:
     the weights to write instead of the model's own (gathered from FSDP shards)."""
     extra = {} if state_dict is None else {"state_dict": state_dict}
+    card = directory / "README.md"
+    had_card = card.exists()
     try:
         model.save_pretrained(directory, safe_serialization=True, **extra)
     except (OSError, RuntimeError) as err:
         raise _writing(directory, err) from err
+    if not had_card:  # peft writes an empty model-card template: noise in every checkpoint
+        card.unlink(missing_ok=True)
 
 
 def save_rng(directory: Path, rank: int) -> None:

@@ -84,6 +84,7 @@ def test_two_step_run(runs, algo):
     weights = "model.safetensors" if algo == "grpo" else "adapter_model.safetensors"
     for name in (weights, "optimizer.pt", "config.yaml", "trainer_state.json", "rng/rank-0.pt"):
         assert (latest / name).is_file(), name
+    assert not (latest / "README.md").exists()  # no empty peft model card
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoint"] == str(latest)
     assert summary["curves"] == str(out / "curves.png")  # drawn at the end of the run
