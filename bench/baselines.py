@@ -4,7 +4,8 @@ Shapes: N tokens, D hidden, V vocabulary; S = 3 hidden streams in the role order
 sharing the lm_head weight W [V, D] and the labels [N].
 
 Workloads:
-    scoring    no grad: log-probs of the policy and both teachers, then Δ and Â (docs/METHOD.md, "Advantages").
+    scoring    no grad: log-probs of the policy and both teachers, then Δ and Â
+               (docs/METHOD.md, "Advantages").
     update     policy log-probs forward + backward with a per-token upstream gradient, d/d hidden.
     update_w   the same, also d/d weight.
 
@@ -30,7 +31,8 @@ import torch
 
 WORKLOADS = ("scoring", "update", "update_w")
 NUM_STREAMS = 3  # policy, pos, neg
-LAM, EPS_W = 0.5, 0.5  # docs/METHOD.md, "Teachers" paper values; only the O(N) epilogue depends on them
+# docs/METHOD.md, "Teachers" paper values; only the O(N) epilogue depends on them
+LAM, EPS_W = 0.5, 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +94,8 @@ class Scored(NamedTuple):
 
 def evidence(pos: torch.Tensor, neg: torch.Tensor, adv: torch.Tensor, lam: float,
              eps_w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ and Â from three separately computed log-prob streams, as a user writes it (docs/METHOD.md, "Advantages").
+    """Δ and Â from three separately computed log-prob streams, as a user writes it
+    (docs/METHOD.md, "Advantages").
 
     O(N); the same for every per-stream implementation so only the log-prob part differs.
     """

@@ -1,4 +1,5 @@
-"""GRPO group advantages (docs/METHOD.md, "Advantages"): A_i = (R_i - mean_G R) / (std_G R + 1e-6), unbiased std.
+"""GRPO group advantages (docs/METHOD.md, "Advantages"): A_i = (R_i - mean_G R) / (std_G R + 1e-6),
+unbiased std.
 
 Rollouts are laid out group by group: rows [g*G, (g+1)*G) belong to prompt g.
 """

@@ -1,7 +1,7 @@
 """The training configuration: nested frozen dataclasses, presets, YAML files, CLI overrides.
 
-Every default below is the `paper` preset (docs/METHOD.md, "Presets") with a one-line why. A run's config is built
-in layers, later ones winning:
+Every default below is the `paper` preset (docs/METHOD.md, "Presets") with a one-line why. A run's
+config is built in layers, later ones winning:
 
     preset (`paper` | `reference`)
       -> YAML files given with --config (none given: the built-in offline run, `OFFLINE_DEFAULT`,
@@ -37,7 +37,8 @@ from cepo.rollout import RolloutConfig
 from cepo.teachers import TeacherConfig
 
 ALGOS = ("cepo", "rlsd", "grpo")
-# docs/METHOD.md, "Presets": lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when optim.lr is None).
+# docs/METHOD.md, "Presets": lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when
+# optim.lr is None).
 DEFAULT_LR = {"cepo": 5e-6, "rlsd": 1e-6, "grpo": 1e-6}
 # cepo.train derives per-step seeds as about seed x 2.9e10 (seed_step); they must fit in 64 bits.
 MAX_SEED = 2**29 - 1
@@ -144,7 +145,7 @@ class AdvantageConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float | None = None  # None: 5e-6 for cepo, 1e-6 for grpo and rlsd (docs/METHOD.md, "Presets")
+    lr: float | None = None  # None: cepo 5e-6, grpo and rlsd 1e-6 (docs/METHOD.md, "Presets")
     weight_decay: float = 0.01  # AdamW, docs/METHOD.md, "Presets"
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW defaults
     eps: float = 1e-8  # AdamW default
@@ -235,7 +236,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: Literal["paper", "reference"] = "paper"  # docs/METHOD.md, "Presets" column the values start from
+    preset: Literal["paper", "reference"] = "paper"  # docs/METHOD.md, "Presets" column to start at
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"  # grpo = no teachers (λ ≡ 0)
     steps: int = 50  # training steps; one step = one rollout batch (docs/METHOD.md, "Schedules")
     prompts_per_step: int = 32  # prompts per rollout batch, over all processes (× group_size)
@@ -292,7 +293,8 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        """The learning rate in use (`optim.lr`, or the algorithm's docs/METHOD.md, "Presets" value)."""
+        """The learning rate in use (`optim.lr`, or the algorithm's value in
+        docs/METHOD.md, "Presets")."""
         return self.optim.lr if self.optim.lr is not None else DEFAULT_LR[self.algo]
 
 
@@ -300,18 +302,18 @@ class TrainConfig:
 
 
 def paper() -> TrainConfig:
-    """docs/METHOD.md, "Presets", paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8, LoRA r16/α32,
-    cosine lr with 5 warm-up steps, ε_w 0.5 (the RLSD baseline: ε_w 0.2, λ_k = 0.5·(1 − k/25)),
-    images of 262,144 to 4,194,304 pixels."""
+    """docs/METHOD.md, "Presets", paper/README column: Qwen3-VL-2B, Geo3k, 50 steps of 32 × 8,
+    LoRA r16/α32, cosine lr with 5 warm-up steps, ε_w 0.5 (the RLSD baseline: ε_w 0.2,
+    λ_k = 0.5·(1 − k/25)), images of 262,144 to 4,194,304 pixels."""
     return TrainConfig()
 
 
 def reference() -> TrainConfig:
-    """docs/METHOD.md, "Presets", reference-scripts column: as `paper` but LoRA α 64, constant lr, ε_w 0.2, and the
-    reference code's own choices where they differ from the paper: r- chosen as it does (lowest
-    reward below 0.5, unboxed allowed, so the hint can be " None"), r- = r+ for a group without
-    one, image-blind teachers (pads for the image), and its group std (uniform groups keep the
-    tiny A that rounding leaves)."""
+    """docs/METHOD.md, "Presets", reference-scripts column: as `paper` but LoRA α 64, constant lr,
+    ε_w 0.2, and the reference code's own choices where they differ from the paper: r- chosen as it
+    does (lowest reward below 0.5, unboxed allowed, so the hint can be " None"), r- = r+ for a group
+    without one, image-blind teachers (pads for the image), and its group std (uniform groups keep
+    the tiny A that rounding leaves)."""
     cfg = paper()
     return dataclasses.replace(
         cfg,
@@ -669,7 +671,8 @@ def help_text(prog: str = "python -m cepo.train") -> str:
         "offline tiny run on the CPU (built-in tiny Qwen3-VL, synthetic data, a few minutes).",
         "",
         "  --config FILE   YAML file(s) of options (default: the offline tiny run)",
-        "  --preset NAME   docs/METHOD.md, 'Presets' column the values start from: paper (default) or reference",
+        "  --preset NAME   docs/METHOD.md, 'Presets' column the values start from: paper (default)",
+        "                  or reference",
         "  --KEY VALUE     any option below, as a dotted key; the last part alone when unique",
         "",
         "option (type)  default = paper preset  [offline default when different]  why",

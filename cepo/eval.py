@@ -1,8 +1,8 @@
 """Validation and ``python -m cepo.eval``: accuracy and format rate of a policy on a split.
 
-Sampling follows docs/METHOD.md, "Presets"'s validation settings (T 0.6, top_p 0.95, one sample per prompt) unless
-told otherwise. The trainer calls `evaluate` every ``val.every`` steps; the command line scores a
-saved run:
+Sampling follows the validation settings of docs/METHOD.md, "Presets" (T 0.6, top_p 0.95, one
+sample per prompt) unless told otherwise. The trainer calls `evaluate` every ``val.every`` steps;
+the command line scores a saved run:
 
     python -m cepo.eval --checkpoint runs/tiny-cepo                 # its latest checkpoint
     python -m cepo.eval --checkpoint runs/tiny-cepo/checkpoints/step-000010 --split val --limit 64

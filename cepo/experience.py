@@ -4,8 +4,8 @@
             -> teacher contexts (r+, r-) -> student + teacher log-probs -> Δ, w, Â
 
 `make_experience` is what the training loop calls once per rollout batch, with the λ of that
-step (the schedule of docs/METHOD.md, "Schedules" lives with the trainer). With λ = 0, ε_w = 0 or ``algo="grpo"``
-the teacher passes are skipped and Â = A on every response token.
+step (the schedule of docs/METHOD.md, "Schedules" lives with the trainer). With λ = 0, ε_w = 0 or
+``algo="grpo"`` the teacher passes are skipped and Â = A on every response token.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def make_experience(
     timings["time/reward"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    # Teachers see logits divided by the rollout temperature, like the student (docs/METHOD.md, "Teachers").
+    # Teachers see logits divided by the rollout temperature, like the student
+    # (docs/METHOD.md, "Teachers").
     temperature = config.rollout.temperature or 1.0
     teachers_on = config.algo != "grpo" and lam > 0 and config.eps_w > 0
     wrong_answers: list[list[str]] = [[] for _ in prompts]

@@ -1,8 +1,8 @@
 """What is trained: LoRA adapters (peft) or the full model, and merging adapters for serving.
 
-LoRA follows docs/METHOD.md, "Presets": rank 16, α 32 (paper) or 64 (reference scripts), dropout 0, every linear
-layer of the language model (peft's ``all-linear``, which never adapts the lm_head, so the fused
-log-prob kernels keep reading one weight), the vision tower excluded by the regex
+LoRA follows docs/METHOD.md, "Presets": rank 16, α 32 (paper) or 64 (reference scripts), dropout 0,
+every linear layer of the language model (peft's ``all-linear``, which never adapts the lm_head,
+so the fused log-prob kernels keep reading one weight), the vision tower excluded by the regex
 ``.*visual.*``. Full fine-tuning trains every parameter, the vision tower frozen by default.
 
 Merging (`merge_adapter`, or ``python -m cepo.lora --checkpoint DIR --output DIR``) folds a saved

@@ -267,7 +267,8 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 def weight_stats(exp, eps_w: float) -> dict[str, float]:
-    """How often the CEPO weight w_t hit its clip (docs/METHOD.md, "Advantages"), over teacher-scored tokens."""
+    """How often the CEPO weight w_t hit its clip (docs/METHOD.md, "Advantages"), over
+    teacher-scored tokens."""
     scores = exp.scores
     mask = exp.response_mask.bool() & scores.teacher_scored[:, None]  # [N, T]
     if not mask.any():

@@ -1,4 +1,5 @@
-"""Teacher contexts (docs/METHOD.md, "Teachers") and the fused scoring of student and teachers (docs/METHOD.md, "Advantages").
+"""Teacher contexts (docs/METHOD.md, "Teachers") and the fused scoring of student and teachers
+(docs/METHOD.md, "Advantages").
 
 Both teachers are the student model with a hint between the prompt and the response:
 
@@ -37,7 +38,8 @@ REFERENCE_THRESHOLD = 0.5  # the reference's "rejected": reward below this
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """How the teacher contexts are built; defaults are docs/METHOD.md, "Teachers" and "Presets" (preset `paper`)."""
+    """How the teacher contexts are built; defaults are docs/METHOD.md, "Teachers" and "Presets"
+    (preset `paper`)."""
 
     hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
     # False: image-blind as the reference's CEPO teachers (pads for the image); None: by algorithm,
@@ -227,10 +229,11 @@ def score_rollouts(
     """Old log-probs, Δ, w and Â for every response token, one kernel call per micro-batch.
 
     `advantages` [N] are the GRPO advantages. ``algo="rlsd"`` replaces the wrong-answer teacher by
-    the student (docs/METHOD.md, "Advantages"), so only the r+ teacher runs. Rows with A = 0 get Â = 0 whatever the
-    teachers say, so their teacher forwards are skipped and their teacher log-probs are reported
-    equal to the student's. A group without a usable r- takes the student (``neg_fallback=
-    "student"``: RLSD for that group) or the r+ teacher (``"positive"``: Δ = 0, GRPO).
+    the student (docs/METHOD.md, "Advantages"), so only the r+ teacher runs. Rows with A = 0 get
+    Â = 0 whatever the teachers say, so their teacher forwards are skipped and their teacher
+    log-probs are reported equal to the student's. A group without a usable r- takes the student
+    (``neg_fallback="student"``: RLSD for that group) or the r+ teacher (``"positive"``: Δ = 0,
+    GRPO).
     """
     if algo not in ("cepo", "rlsd"):
         raise ValueError(f"algo must be 'cepo' or 'rlsd', got {algo!r}")

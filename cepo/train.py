@@ -9,11 +9,11 @@
 
 `main` sets up (config, accelerator, model, optimizer, data, resume) and runs a plain loop over
 training steps; `train_step` is one step read top to bottom. One step is one rollout batch
-(docs/METHOD.md, "Schedules"): λ, the lr and the prompts of step k are functions of k, so a resumed run continues
-exactly. Several processes each take whole prompt groups (prompts are sharded, not rollouts), so
-r- is chosen from a complete group without communication; the loss is an exact global token mean
-(cepo.update) and metrics are averaged over processes. The actor is replicated (DDP) or, with
-``--sharding fsdp``, sharded (cepo.sharding) and gathered whole for rollouts and scoring.
+(docs/METHOD.md, "Schedules"): λ, the lr and the prompts of step k are functions of k, so a resumed
+run continues exactly. Several processes each take whole prompt groups (prompts are sharded, not
+rollouts), so r- is chosen from a complete group without communication; the loss is an exact global
+token mean (cepo.update) and metrics are averaged over processes. The actor is replicated (DDP) or,
+with ``--sharding fsdp``, sharded (cepo.sharding) and gathered whole for rollouts and scoring.
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ def due(step: int, every: int, last: int, *, always_last: bool = False) -> bool:
 
 
 def validate(run: Run, step: int) -> dict[str, float]:
-    """docs/METHOD.md, "Presets" validation sampling on the val split (every process scores a share)."""
+    """docs/METHOD.md, "Presets" validation sampling on the val split (every process scores a
+    share)."""
     cfg = run.cfg
     seed_step(cfg.seed, step, run.rank, salt=1)  # its own stream: training sampling is untouched
     with sharding.full_weights(run.policy):

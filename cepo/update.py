@@ -3,16 +3,16 @@
     for each epoch, for each mini-batch (an optimizer step):
         for each micro-batch of rollouts (gradient accumulation):
             hidden = the model's response hidden states              [b, t, D], with grad
-            loss   = CEPOLoss(hidden, lm_head weight, Â, old log-probs)   (docs/METHOD.md, "Loss", no logits)
+            loss   = CEPOLoss(hidden, lm_head weight, Â, old log-probs)
+                     (docs/METHOD.md, "Loss", no logits)
             backward
         clip the global grad norm, AdamW step (skipped if the loss or norm is NaN/inf)
 
-Token mean, exactly: docs/METHOD.md, "Loss"'s loss is the mean of ℓ_t over every valid token of the mini-batch,
-on all processes together. Each micro-batch therefore divides its token sum by the mini-batch's
-global token count (all-reduced before the first micro-batch), times the number of processes
-because DDP averages gradients over them. The same holds for the other aggregations with
-sequence counts. Micro-batch sizes and the split across processes then change nothing but
-rounding.
+Token mean, exactly: the loss of docs/METHOD.md, "Loss" is the mean of ℓ_t over every valid token of
+the mini-batch, on all processes together. Each micro-batch therefore divides its token sum by the
+mini-batch's global token count (all-reduced before the first micro-batch), times the number of
+processes because DDP averages gradients over them. The same holds for the other aggregations with
+sequence counts. Micro-batch sizes and the split across processes then change nothing but rounding.
 
 The loss is computed inside `PolicyLoss.forward`, so DDP and FSDP (`cepo.sharding`, which gathers
 the lm_head weight in the root's forward) wrap one module whose forward is the whole loss.

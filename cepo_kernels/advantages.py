@@ -54,7 +54,8 @@ def token_weights(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w) -
 def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,
                     neg_logprobs: torch.Tensor, mask: Optional[torch.Tensor], *, lam: float,
                     eps_w: float, validate: bool = True) -> torch.Tensor:
-    """Â per docs/METHOD.md, "Advantages" from any log-probs; pass the student's as ``neg_logprobs`` to get RLSD.
+    """Â per docs/METHOD.md, "Advantages" from any log-probs; pass the student's as ``neg_logprobs``
+    to get RLSD.
 
     Args:
         advantages: GRPO advantages A_i, per token (like ``pos_logprobs``) or per sequence (B,).

@@ -161,7 +161,8 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
                          chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
                          chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
                          ) -> ContrastiveEvidence:
-    """The fused experience step: three log-prob streams plus Δ, w and Â (docs/METHOD.md, "Advantages").
+    """The fused experience step: three log-prob streams plus Δ, w and Â
+    (docs/METHOD.md, "Advantages").
 
     ``advantages`` are per token (shaped like ``labels``) or per sequence (labels.shape[0],).
     ``mask`` (like labels; bool or 0/1 of any dtype) marks the tokens whose Â counts; positions

@@ -27,7 +27,8 @@ from cepo.tiny import build_tiny_model
 from cepo_kernels import CEPOLoss, contrastive_evidence
 
 LAMBDA_INIT, WARMUP, EPS_W = 0.5, 25, 0.5  # docs/METHOD.md, "Presets", paper preset
-HINT = " {answer}"  # docs/METHOD.md, "Teachers": the assistant turn starts with the answer, then the response
+# docs/METHOD.md, "Teachers": the assistant turn starts with the answer, then the response
+HINT = " {answer}"
 
 
 def hidden_before_head(model, batch, response_len: int) -> torch.Tensor:

@@ -94,8 +94,8 @@ def test_references_to_method_sections_resolve():
 
 def test_the_patterns_catch_what_they_should():
     """The scanner itself: each kind of private reference is caught, ordinary text is not."""
-    caught = ["see SPEC §2", "SPEC.md", 'one SPEC "step"', "KERNEL_ANCHORS rule 3", "TRAINER_ANCHORS",
-              "the project's shared notes", "../shared/x", "Goals (issue 5)"]
+    caught = ["see SPEC §2", "SPEC.md", 'one SPEC "step"', "KERNEL_ANCHORS rule 3",
+              "TRAINER_ANCHORS", "the project's shared notes", "../shared/x", "Goals (issue 5)"]
     clean = ["SPECIAL_TOKENS", "PIP_SPEC", "docs/METHOD.md", "an issue with 5 rows"]
     assert all(PRIVATE_NOTES.search(t) for t in caught)
     assert not any(PRIVATE_NOTES.search(t) for t in clean)

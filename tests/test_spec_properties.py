@@ -1,5 +1,6 @@
-"""docs/METHOD.md, "Guarantees" guarantees 1–9 as property tests (hypothesis), on cepo_advantages, the fused
-contrastive_evidence and the CEPO loss. §8.10 (alignment) lives with the teacher contexts."""
+"""Guarantees 1–9 of docs/METHOD.md, "Guarantees" as property tests (hypothesis), on
+cepo_advantages, the fused contrastive_evidence and the CEPO loss. §8.10 (alignment) lives with the
+teacher contexts."""
 
 import math
 

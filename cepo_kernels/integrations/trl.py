@@ -10,9 +10,9 @@ trainer, for every group of ``num_generations`` rollouts (gathered across proces
 spans them):
 
 1. grades each completion's last ``\\boxed{}`` against the dataset's answer column with
-   `cepo.grading.Grader`, independently of the user's reward functions (docs/METHOD.md, "Teachers": rejected =
-   accuracy 0); r- is the wrong answer of the lowest-reward rejected rollout (TRL's weighted
-   reward sum), or the group's most frequent one;
+   `cepo.grading.Grader`, independently of the user's reward functions
+   (docs/METHOD.md, "Teachers": rejected = accuracy 0); r- is the wrong answer of the
+   lowest-reward rejected rollout (TRL's weighted reward sum), or the group's most frequent one;
 2. builds the teacher rows ``prompt + hint(r±) + completion`` (`trl_teachers`);
 3. runs the backbone for the student and the teachers (no grad, eval mode) and calls
    `cepo_kernels.contrastive_evidence` on the hidden states and the lm_head weight, which returns
@@ -20,9 +20,9 @@ spans them):
 4. replaces TRL's ``advantages`` [B] with Â [B, T]. TRL's `_compute_loss` takes (B, T)
    advantages as they are, so every loss type, vLLM, PEFT and logging keep working.
 
-λ follows docs/METHOD.md, "Schedules" with one step = one generation batch, derived from ``state.global_step``
-(`trl_config.generation_index`), so it survives checkpoint/resume. While λ = 0 (after
-``cepo_lambda_warmup`` generations, or λ0 = 0) nothing extra runs: TRL's GRPO advantages pass
+λ follows docs/METHOD.md, "Schedules" with one step = one generation batch, derived from
+``state.global_step`` (`trl_config.generation_index`), so it survives checkpoint/resume. While λ = 0
+(after ``cepo_lambda_warmup`` generations, or λ0 = 0) nothing extra runs: TRL's GRPO advantages pass
 through. Evaluation batches keep GRPO advantages (CEPO shapes training credit only).
 """
 
@@ -172,7 +172,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ λ schedule
 
     def cepo_generation(self) -> int:
-        """k: the 1-based index of the generation batch now being produced (docs/METHOD.md, "Schedules" step)."""
+        """k: the 1-based index of the generation batch now being produced (a step of
+        docs/METHOD.md, "Schedules")."""
         return generation_index(
             self.state.global_step, self._step,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,

@@ -1,4 +1,5 @@
-"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages" and "Schedules" and "Teachers"), and the λ schedule.
+"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages" and
+"Schedules" and "Teachers"), and the λ schedule.
 
 Every CEPO field is prefixed ``cepo_`` so none can collide with a GRPOConfig field (GRPOConfig
 already has ``delta``, ``temperature``, ...). TRL's own defaults (loss type, clipping, ...) are left

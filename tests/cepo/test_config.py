@@ -1,4 +1,5 @@
-"""The training config: presets = docs/METHOD.md, "Presets", layers (preset → YAML → CLI), coercion, errors, help."""
+"""The training config: presets = docs/METHOD.md, "Presets", layers (preset → YAML → CLI),
+coercion, errors, help."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def test_a_malformed_row_is_an_error_naming_file_row_and_field(tmp_path):
         items_of(tmp_path, "wemath")
     bad = {**ROWS["mmmu"][0], "image_1": None, "answer": "Z"}
     (tmp_path / "mmmu.jsonl").write_text(json.dumps({**bad, "image_1": "missing.png"}) + "\n")
-    with pytest.raises(ValueError, match=r"mmmu.jsonl row 0: field 'image_1' is not a usable image \(bad image\)"):
+    with pytest.raises(ValueError, match=(r"mmmu.jsonl row 0: field 'image_1' is not a usable "
+                                          r"image \(bad image\)")):
         items_of(tmp_path, "mmmu")
 
 

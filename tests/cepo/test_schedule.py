@@ -1,4 +1,5 @@
-"""λ and lr schedules: pure functions of the training step (docs/METHOD.md, "Schedules" and "Presets")."""
+"""λ and lr schedules: pure functions of the training step (docs/METHOD.md, "Schedules" and
+"Presets")."""
 
 from __future__ import annotations
 

@@ -185,7 +185,8 @@ def test_groups_without_a_wrong_answer(processor, batch, examples):
 
 @pytest.mark.parametrize("images", [True, False], ids=["with-images", "text-only"])
 def test_alignment_empty_hint_gives_student_logprobs(score, examples, images):
-    """docs/METHOD.md, "Guarantees" (item 10): empty hint + same inputs => teacher log-probs == student log-probs."""
+    """docs/METHOD.md, "Guarantees" (item 10): empty hint + same inputs => teacher log-probs ==
+    student log-probs."""
     batch = examples[:2] if images else [Example("What is 2+3?", "5"), Example("Is 1 < 2?", "1")]
     config = TeacherConfig(hint_template="", micro_batch_size=3)  # 3: groups split over batches
     r = score(batch, config, advantages=torch.ones(2 * G))
@@ -260,7 +261,8 @@ def test_zero_advantage_rows_skip_the_teachers(score, examples):
 
 def test_rlsd_uses_the_student_as_negative(score, examples):
     s = score(examples[:1], TeacherConfig(), algo="rlsd").scores
-    torch.testing.assert_close(s.neg_logprobs, s.old_logprobs)  # docs/METHOD.md, "Guarantees" (item 5)
+    # docs/METHOD.md, "Guarantees" (item 5)
+    torch.testing.assert_close(s.neg_logprobs, s.old_logprobs)
 
 
 def test_base_teacher_disables_adapters(model, score, examples):

@@ -94,7 +94,8 @@ def test_two_step_run(runs, algo):
 
 def check_samples(out: Path, algo: str, records: list[dict]) -> None:
     """samples.jsonl: the best and worst rollout of a mixed group per step, every response token
-    with Δ, w, Â that obey docs/METHOD.md, "Advantages" given A, λ and ε_w (0.5; RLSD 0.2) (values rounded to 1e-4)."""
+    with Δ, w, Â that obey docs/METHOD.md, "Advantages" given A, λ and ε_w (0.5; RLSD 0.2)
+    (values rounded to 1e-4)."""
     samples = read(out / "samples.jsonl")
     assert sorted({r["step"] for r in samples}) == [1, 2]
     lam = {r["step"]: r["cepo/lambda"] for r in records if "cepo/lambda" in r}

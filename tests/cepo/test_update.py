@@ -51,8 +51,8 @@ def _update(model, experience, accelerator, **ppo):
                                          "seq-mean-token-sum-norm"])
 def test_micro_batches_do_not_change_the_step(model, experience, accelerator, aggregation):
     # 12 rollouts of different lengths: one forward of all of them vs micro-batches of 5 (5+5+2,
-    # each trimmed to its own longest response). docs/METHOD.md, "Loss": the loss is a mean over the whole
-    # mini-batch, so the update must not depend on the split.
+    # each trimmed to its own longest response). docs/METHOD.md, "Loss": the loss is a mean over the
+    # whole mini-batch, so the update must not depend on the split.
     assert experience.token_advantages.abs().sum() > 0
     whole, m1 = _update(model, experience, accelerator, aggregation=aggregation,
                         mini_batches=1, micro_batch_size=12)

@@ -25,7 +25,8 @@ def test_custom_loop_runs(tiny_vl_dir, capsys):
         assert torch.isfinite(torch.tensor(h["loss"]))
         a, a_hat, mask = h["advantages"], h["token_advantages"], h["mask"]
         full = a[:, None].expand_as(a_hat)
-        # docs/METHOD.md, "Guarantees": same sign as A, within |A|(1 ± λ ε_w), 0 on padding, and not plain GRPO
+        # docs/METHOD.md, "Guarantees": same sign as A, within |A|(1 ± λ ε_w), 0 on padding, and
+        # not plain GRPO
         assert torch.equal(torch.sign(a_hat[mask]), torch.sign(full[mask]))
         bound = h["lambda"] * 0.5 * full.abs() + 1e-6
         assert ((a_hat - full).abs()[mask] <= bound[mask]).all()

@@ -149,7 +149,8 @@ def _loss_rows_match(loss_inputs, reference, width):
 
 
 def _check_cepo_advantages(cepo, eps_w):
-    """docs/METHOD.md, "Guarantees" on the advantages handed to TRL: sign, bounds, 0 at padding, ≠ A where Δ ≠ 0."""
+    """docs/METHOD.md, "Guarantees" on the advantages handed to TRL: sign, bounds, 0 at padding,
+    ≠ A where Δ ≠ 0."""
     mask = cepo.mask
     a = cepo.grpo_advantages[:, None] * mask
     assert (cepo.advantages[~mask] == 0).all()

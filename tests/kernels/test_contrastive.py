@@ -46,7 +46,8 @@ def test_logprobs_match_oracle(backend, K, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evidence_matches_spec_formula(backend):
-    """Δ, w, Â against docs/METHOD.md, "Advantages" evaluated in float64 from the oracle log-probs."""
+    """Δ, w, Â against docs/METHOD.md, "Advantages" evaluated in float64 from the oracle
+    log-probs."""
     h, pos, neg, w, y, _ = _streams(36, 16, 500, 2)
     h, pos, y = h.view(4, 9, 16), pos.view(4, 9, 16), y.view(4, 9)
     neg = neg.view(2, 4, 9, 16)
@@ -89,7 +90,8 @@ def test_split_vocabulary_merge(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_inputs_give_identical_streams(backend):
-    """docs/METHOD.md, "Guarantees" (item 10) at the kernel level: identical hidden states ⇒ identical log-probs, Δ = 0."""
+    """docs/METHOD.md, "Guarantees" (item 10) at the kernel level: identical hidden states ⇒
+    identical log-probs, Δ = 0."""
     h, _, _, w, y, _ = _streams(25, 16, 300, 1)
     adv = torch.randn(25, device=DEVICE)
     out = contrastive_evidence(h, h.clone(), h.clone(), w, y, adv, lam=0.5, eps_w=0.5,
