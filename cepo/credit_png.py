@@ -88,7 +88,8 @@ def render_png(records: list[dict], cfg: dict, step: int, path: str | Path) -> N
     put(0, 2.0, "w_t")
     for frac in (0, 0.25, 0.5, 0.75, 1):
         put(4 + n * frac, 2.9, f"{1 - eps + 2 * eps * frac:g}", ha="center", size=SIZE * 0.8)
-    put(n + 6, 2.0, "blue < 1: |Â_t| shrinks · red > 1: |Â_t| grows · white: filler", size=SIZE * 0.9)
+    put(n + 6, 2.0, "blue < 1: |Â_t| shrinks · red > 1: |Â_t| grows · white: filler",
+        size=SIZE * 0.9)
     put(n + 6, 3.0, "second row: Â_t · framed: the answer inside \\boxed{}", size=SIZE * 0.9,
         color="#444444")
 
