@@ -69,7 +69,8 @@ def verdict(summary: list[dict], algos: list[str], metric: str) -> str:
 def markdown(curve_rows, credit_rows, summary, meta) -> str:
     algos = meta["algos"]
     steps = sorted({r["step"] for r in curve_rows})
-    lines = [f"# GRPO vs RLSD vs CEPO, {meta['seeds']} seeds each ({meta['machine']})", "",
+    seeds = f"{meta['seeds']} seed" + ("s" if meta["seeds"] > 1 else "")
+    lines = [f"# {' vs '.join(a.upper() for a in algos)}, {seeds} each ({meta['machine']})", "",
              (f"`{meta['command']}` · {meta['steps']} steps per run, validation every "
               f"{meta['val_every']} steps and at step 0 · {meta['jobs']} runs at a time · "
               f"{meta['wall_s']:.0f} s in all · {meta['date']} · load before: "
@@ -141,7 +142,7 @@ def plot(path: Path, summary: list[dict], algos: list[str]) -> None:
         m, h, _ = _get(summary, algo, "decisive_credit_share")
         t, _, _ = _get(summary, algo, "decisive_token_share")
         if not math.isnan(m):
-            bx.bar(i, m, yerr=0 if math.isnan(h) else h, color=COLORS.get(algo), capsize=4)
+            bx.bar(i, m, yerr=None if math.isnan(h) else h, color=COLORS.get(algo), capsize=4)
         else:
             bx.text(i, 0.01, "Â = A", ha="center", va="bottom", fontsize=9, color="#555555")
         if not math.isnan(t):

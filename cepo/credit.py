@@ -178,7 +178,7 @@ def display_token(text: str) -> tuple[str, bool]:
 def decisive_mask(texts: list[str]) -> list[bool]:
     """Which tokens carry the final answer: those overlapping the content of the last
     ``\\boxed{...}`` of the concatenated response (braces balanced; an unclosed box runs to
-    the end). No box: no decisive token."""
+    the end), special tokens such as ``<|im_end|>`` excepted. No box: no decisive token."""
     full = "".join(texts)
     start = full.rfind("\\boxed{")
     if start < 0:
@@ -192,7 +192,7 @@ def decisive_mask(texts: list[str]) -> list[bool]:
             break
     out, pos = [], 0
     for t in texts:
-        out.append(pos < hi and pos + len(t) > lo)
+        out.append(pos < hi and pos + len(t) > lo and not SPECIAL.fullmatch(t))
         pos += len(t)
     return out
 
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     p.add_argument("--out", type=Path, required=True,
                    help="output file; .html and .png are written next to each other")
     p.add_argument("--format", choices=("both", "html", "png"), default="both")
+    p.add_argument("--rollouts", type=int, default=None,
+                   help="show only the step's first N logged rollouts (default: all)")
     args = p.parse_args(argv)
     try:
         steps = load_samples(args.run_dir)
@@ -311,8 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         step = pick_step(steps, args.step, str(args.run_dir / SAMPLES_FILE))
     except CreditError as err:
         raise SystemExit(f"cepo.credit: {err}") from None
+    if args.rollouts is not None and args.rollouts < 1:
+        raise SystemExit(f"cepo.credit: --rollouts must be >= 1, got {args.rollouts}")
     files = outputs(args.out, args.format)
-    records, source = steps[step], f"{args.run_dir} step {step}"
+    records, source = steps[step][: args.rollouts], f"{args.run_dir} step {step}"
     for path in files.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     if "html" in files:

@@ -147,6 +147,9 @@ def test_missing_step_names_the_available_ones(tmp_path):
                                          r"1, 3"):
         credit.main([str(run), "--step", "2", "--out", str(tmp_path / "m")])
     assert not (tmp_path / "m.html").exists() and not (tmp_path / "m.png").exists()
+    one = credit.main([str(run), "--step", "3", "--rollouts", "1", "--format", "html",
+                       "--out", str(tmp_path / "one")])["html"]
+    assert len(parse(one.read_text(encoding="utf-8")).toks) == 1  # the first of step 3's two
     empty = make_run(tmp_path / "e", [])
     with pytest.raises(SystemExit, match="holds no samples"):
         credit.main([str(empty), "--out", str(tmp_path / "m")])
@@ -173,7 +176,8 @@ def test_decisive_tokens_are_the_boxed_answer():
     assert decisive_mask(["\\boxed{1}", " or ", "\\boxed{", "\\frac{1}{2}", "}"]) == \
         [False, False, False, True, False]  # the last box; nested braces stay inside
     assert decisive_mask(["ed{4", "}"]) == [False, False]  # no "\boxed{": no decisive token
-    assert decisive_mask(["x \\boxed{7", "7"]) == [True, True]  # unclosed: runs to the end
+    # an unclosed box runs to the end, special tokens excepted
+    assert decisive_mask(["x \\boxed{7", "7", "<|im_end|>"]) == [True, True, False]
     assert decisive_mask([]) == []
 
 
