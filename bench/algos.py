@@ -256,8 +256,10 @@ def collect(runs: list[dict], out: Path) -> tuple[list[dict], list[dict]]:
 
 
 def summarize(curve_rows: list[dict], credit_rows: list[dict], algos: list[str]) -> list[dict]:
-    """summary.csv rows: per algorithm and metric (val_accuracy per step, auc, final, credit)."""
-    out = []
+    """summary.csv rows: per algorithm and metric (val_accuracy per step, auc, final, credit),
+    and CEPO minus each other algorithm on auc and final accuracy, paired by seed (a seed fixes
+    the data for every algorithm), as algo ``cepo-<other>``."""
+    out, by_seed = [], {}
     for algo in algos:
         rows = [r for r in curve_rows if r["algo"] == algo]
         seeds = sorted({r["seed"] for r in rows})
@@ -271,17 +273,23 @@ def summarize(curve_rows: list[dict], credit_rows: list[dict], algos: list[str])
             m, h, n = mean_ci([r["val_accuracy"] for r in rows if r["step"] == step])
             out.append({"algo": algo, "metric": "val_accuracy", "step": step,
                         "mean": m, "ci95": h, "n": n})
-        per_run = {"auc": [area([s for s, _ in c], [a for _, a in c]) for c in curves.values()],
-                   "final_accuracy": [c[-1][1] for c in curves.values()]}
+        per_run = {"auc": {s: area([st for st, _ in c], [a for _, a in c])
+                           for s, c in curves.items()},
+                   "final_accuracy": {s: c[-1][1] for s, c in curves.items()}}
         credit = [r for r in credit_rows if r["algo"] == algo]
         for key in ("decisive_credit_share", "decisive_token_share", "wrong_dir_all",
-                    "wrong_dir_decisive"):
-            per_run[key] = [r[key] for r in credit]
-        per_run["wall_s"] = [r["wall_s"] for r in credit]
-        per_run["cpu_s"] = [r["cpu_s"] for r in credit]
+                    "wrong_dir_decisive", "wall_s", "cpu_s"):
+            per_run[key] = {r["seed"]: r[key] for r in credit}
+        by_seed[algo] = per_run
         for metric, values in per_run.items():
-            m, h, n = mean_ci(values)
+            m, h, n = mean_ci(list(values.values()))
             out.append({"algo": algo, "metric": metric, "step": "", "mean": m, "ci95": h, "n": n})
+    for other in (a for a in algos if a != "cepo" and "cepo" in algos):
+        for metric in ("auc", "final_accuracy"):
+            cepo, base = by_seed["cepo"][metric], by_seed[other][metric]
+            m, h, n = mean_ci([cepo[s] - base[s] for s in sorted(cepo) if s in base])
+            out.append({"algo": f"cepo-{other}", "metric": metric, "step": "", "mean": m,
+                        "ci95": h, "n": n})
     return out
 
 

@@ -47,23 +47,22 @@ def _get(summary: list[dict], algo: str, metric: str, step="") -> tuple[float, f
 
 
 def verdict(summary: list[dict], algos: list[str], metric: str) -> str:
-    """Whether CEPO's 95% CI on `metric` clears the others' (no hypothesis test: a plain
-    reading of the intervals)."""
+    """CEPO minus each other algorithm on `metric`, paired by seed, and whether its 95% CI
+    excludes 0 (a plain reading of the interval, not a corrected test)."""
     if "cepo" not in algos or len(algos) < 2:
         return ""
-    cm, ch, _ = _get(summary, "cepo", metric)
     parts = []
     for other in (a for a in algos if a != "cepo"):
-        om, oh, _ = _get(summary, other, metric)
-        if any(math.isnan(x) for x in (cm, ch, om, oh)):
-            parts.append(f"vs {other}: too few seeds for an interval")
-        elif cm - ch > om + oh:
-            parts.append(f"above {other}, intervals apart")
-        elif cm + ch < om - oh:
-            parts.append(f"below {other}, intervals apart")
-        else:
-            parts.append(f"intervals overlap {other}'s: not separated")
-    return f"CEPO on {metric.replace('_', ' ')}: " + "; ".join(parts) + "."
+        m, h, n = _get(summary, f"cepo-{other}", metric)
+        name = f"CEPO − {other.upper()}"
+        if math.isnan(h):
+            parts.append(f"{name}: {_pm(m, h)} (too few seeds for an interval)")
+            continue
+        word = ("CEPO higher" if m > 0 else "CEPO lower") if abs(m) > h else \
+            "not separated (the interval holds 0)"
+        parts.append(f"{name}: {m:+.3f} ± {h:.3f} ({n} seeds), {word}")
+    label = {"auc": "Area under the curve", "final_accuracy": "Final accuracy"}[metric]
+    return f"{label}, paired by seed: " + "; ".join(parts) + "."
 
 
 def markdown(curve_rows, credit_rows, summary, meta) -> str:
@@ -77,7 +76,7 @@ def markdown(curve_rows, credit_rows, summary, meta) -> str:
               f"{meta['load_before']}"), "",
              ("Mean ± 95% CI over seeds (Student t, n − 1 degrees of freedom), computed from "
               "`runs.csv` (one row per run and validated step, naming its run directory) and "
-              "`credit.csv` (one row per run)."), "",
+              "`credit.csv` (one row per run); run directories are relative to this folder."), "",
              "## Validation accuracy", "", "| step | " + " | ".join(algos) + " |",
              "|---:|" + "---:|" * len(algos)]
     for step in steps:

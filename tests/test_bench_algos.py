@@ -72,6 +72,16 @@ def test_quick_study_statistics_come_from_the_named_runs(quick):
         assert float(summary[algo, "final_accuracy", ""]["mean"]) == \
             pytest.approx(np.mean([c[-1][1] for c in per_seed]))
         assert summary[algo, "auc", ""]["n"] == "2"
+    # CEPO minus each baseline, paired by seed
+    def auc(c):
+        return np.trapezoid([a for _, a in c], [s for s, _ in c]) / 2
+
+    for other in ("grpo", "rlsd"):
+        diffs = [auc(curves["cepo", s]) - auc(curves[other, s]) for s in ("0", "1")]
+        row = summary[f"cepo-{other}", "auc", ""]
+        assert float(row["mean"]) == pytest.approx(np.mean(diffs), abs=1e-9)
+        assert float(row["ci95"]) == pytest.approx(
+            T_TABLE[1] * statistics.stdev(diffs) / math.sqrt(2), abs=1e-3)
     # the credit share, recomputed from each named run's samples.jsonl
     for r in credit_rows:
         run_dir = (quick / r["run_dir"]).resolve()
