@@ -5,6 +5,7 @@ lr), reported as mean ± 95% CI over seeds.
     python -m bench.algos                      # 5 seeds x 30 steps per algorithm, 2 runs at a time
     python -m bench.algos --quick              # 2 seeds x 2 steps, tiny sizes: a smoke run
     python -m bench.algos --seeds 8 --steps 20 --rollout.max_new_tokens 32   # + any cepo.train flag
+    python -m bench.algos --report-only        # redo the summary, table and plot from the CSVs
 
 Reported, per algorithm: validation accuracy at each validated step (mean ± 95% CI, Student t
 with n − 1 degrees of freedom, n = seeds), the area under that curve (the trapezoid over the
@@ -102,6 +103,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--samples", type=int, default=8, help="rollouts per step logged to "
                    "samples.jsonl (the credit statistics' input)")
     p.add_argument("--quick", action="store_true", help="2 seeds x 2 steps, tiny sizes")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: recompute summary.csv, algos.md and algos.png from "
+                        "--out's runs.csv, credit.csv and meta.json")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the run directories (default: runs/bench/algos-<time>)")
@@ -295,7 +299,14 @@ def summarize(curve_rows: list[dict], credit_rows: list[dict], algos: list[str])
 
 def main(argv=None) -> dict:
     args, train_args = parse_args(argv)
-    from bench.algos_report import write_outputs
+    from bench.algos_report import read_outputs, write_outputs
+
+    if args.report_only:
+        curve_rows, credit_rows, meta = read_outputs(args.out)
+        summary = summarize(curve_rows, credit_rows, meta["algos"])
+        write_outputs(args.out, curve_rows, credit_rows, summary, meta)
+        print(f"wrote {args.out}/algos.md from {args.out}/runs.csv and credit.csv")
+        return {"out": args.out, "summary": summary, "meta": meta}
 
     print(f"bench.algos: {len(args.algos)} algorithms x {args.seeds} seeds x {args.steps} steps, "
           f"{args.jobs} at a time; runs in {args.work}", flush=True)

@@ -29,7 +29,7 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 def _cell(v):
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.10g}"
+        return "nan" if math.isnan(v) else repr(v)  # exact: --report-only re-reads it
     return v
 
 
@@ -152,6 +152,21 @@ def plot(path: Path, summary: list[dict], algos: list[str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def read_outputs(out: Path) -> tuple[list[dict], list[dict], dict]:
+    """runs.csv, credit.csv and meta.json of a finished study, typed as bench.algos wrote them."""
+    for name in ("runs.csv", "credit.csv", "meta.json"):
+        if not (out / name).is_file():
+            raise SystemExit(f"{out / name}: missing (run python -m bench.algos first)")
+    with open(out / "runs.csv", newline="") as f:
+        curve = [{**r, "seed": int(r["seed"]), "step": int(r["step"]),
+                  "val_accuracy": float(r["val_accuracy"])} for r in csv.DictReader(f)]
+    with open(out / "credit.csv", newline="") as f:
+        credit = [{**{k: float(v) for k, v in r.items() if k not in ("algo", "run_dir")},
+                   "algo": r["algo"], "run_dir": r["run_dir"], "seed": int(r["seed"])}
+                  for r in csv.DictReader(f)]
+    return curve, credit, json.loads((out / "meta.json").read_text())
 
 
 def write_outputs(out: Path, curve_rows, credit_rows, summary, meta) -> None:

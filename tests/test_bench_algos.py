@@ -106,3 +106,10 @@ def test_bad_arguments_stop_before_any_run(tmp_path, capsys):
         algos.main(["--algos", "grpo,ppo", "--work", str(tmp_path / "w")])
     assert "unknown ['ppo']" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_report_only_recomputes_the_same_summary(quick):
+    before = (quick / "summary.csv").read_text()
+    (quick / "summary.csv").unlink()
+    algos.main(["--report-only", "--out", str(quick)])
+    assert (quick / "summary.csv").read_text() == before
