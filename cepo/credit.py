@@ -10,7 +10,7 @@ response token is coloured by its weight w_t on a diverging scale centred on 1 a
 token's tooltip. The header of each rollout gives the prompt, the ground truth r+ (teacher T+'s
 hint), the wrong answer r− (teacher T−'s hint), the reward and the sequence advantage A.
 The answer inside the response's last ``\\boxed{...}`` (the *decisive* tokens, `decisive_mask`)
-is underlined. Nothing read here is executed: JSON and YAML (safe_load) only.
+is outlined. Nothing read here is executed: JSON and YAML (safe_load) only.
 """
 
 from __future__ import annotations
@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
                    "one in samples.jsonl)")
     p.add_argument("--out", type=Path, required=True,
                    help="output file; .html and .png are written next to each other")
-    p.add_argument("--format", choices=("both", "html", "png"), default="both")
+    p.add_argument("--format", choices=("both", "html", "png"), default="both",
+                   help="which files to write (default: both)")
     p.add_argument("--rollouts", type=int, default=None,
                    help="show only the step's first N logged rollouts (default: all)")
     args = p.parse_args(argv)
