@@ -260,8 +260,9 @@ def _card_html(rec: dict, cfg: dict) -> str:
     head = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     cells = "".join(_token_html(t, d, w, a, cfg["eps_w"], x)
                     for (t, d, w, a), x in zip(tokens, dec))
-    return (f'<div class="card"><table class="h"><tr><th>rollout</th><td>#{rec.get("rollout")}'
-            f"</td></tr>{head}</table><div class=\"toks\">{cells}</div></div>")
+    number = html.escape(str(rec.get("rollout")))
+    return (f'<div class="card"><table class="h"><tr><th>rollout</th><td>#{number}</td></tr>'
+            f'{head}</table><div class="toks">{cells}</div></div>')
 
 
 def render_html(records: list[dict], cfg: dict, step: int, source: str) -> str:

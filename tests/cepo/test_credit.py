@@ -128,12 +128,12 @@ def test_special_tokens_and_whitespace_are_shown(tmp_path):
 def test_hostile_text_is_escaped(tmp_path):
     tokens = [[h, 0.0, 1.2, 0.9] for h in HOSTILE]
     rec = record(1, tokens, problem="<img src=x onerror=alert(3)>", answer="</td><b>",
-                 wrong_answer="<script>")
+                 wrong_answer="<script>", rollout="<i>7")
     run = make_run(tmp_path, [rec])
     page = credit.main([str(run), "--out", str(tmp_path / "m.html"), "--format", "html"])[
         "html"].read_text(encoding="utf-8")
     parsed = parse(page)
-    assert parsed.scripts == 0 and "<img" not in page and "<b>" not in page
+    assert parsed.scripts == 0 and "<img" not in page and "<b>" not in page and "<i>" not in page
     assert "&lt;img src=x onerror=alert(3)&gt;" in page
     assert [t["data-text"] for t in parsed.toks] == HOSTILE  # attributes round-trip exactly
     assert [t["shown"] for t in parsed.toks] == [display_token(h)[0] for h in HOSTILE]
