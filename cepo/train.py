@@ -417,6 +417,8 @@ def finish(run: Run, seconds: float) -> dict:
                          f"{summary[f'{key} end']:.3f}")
     lines += [f"  checkpoint      {latest}", f"  metrics         {run.writer.path}",
               f"  samples         {run.samples.path}",
+              f"  credit map      python -m cepo.credit {run.run_dir} --out "
+              f"{run.run_dir / 'credit'}",
               f"  curves          {curves or 'not drawn: pip install matplotlib'}",
               f"  config          {run.run_dir / 'config.yaml'}"]
     if run.cfg.log.tensorboard:
