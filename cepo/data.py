@@ -319,8 +319,8 @@ def synthetic_dataset(
     """A deterministic math set in Geo3k's schema, drawn with PIL, checkable by `cepo.grading`.
 
     Kinds, used in turn: ``chain_sum`` (the default) asks for ``a + b + c`` with the digits in
-    the text and drawn in the image; solved step by step (`chain_solution`), a right and a wrong
-    response differ in the one step that slipped and the numbers after it. The four `VISUAL_KINDS`
+    the text and drawn in the image, to be worked step by step (`chain_solution`), so a right and
+    a wrong response differ in a few tokens of shared reasoning. The four `VISUAL_KINDS`
     are answerable only from the image: counting dots, adding two drawn numbers, the shaded
     fraction of a bar (answer ``\\frac{k}{d}``) and the area of a shaded rectangle on a unit grid.
     Train and val use disjoint random streams (the split name is part of the seed), so the same
