@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import resource
@@ -133,9 +134,9 @@ def answer_wrong_dir(samples: list[dict]) -> dict[str, float | int]:
 
 
 def _example_pair(samples: list[dict]) -> tuple[dict, dict] | None:
-    """The last step's best and worst rollout of one group where both got teacher weights and
-    the wrong one boxed an answer: the README's worked example."""
-    for a, b in reversed(list(zip(samples, samples[1:]))):
+    """The first step's best and worst rollout of one group where both got teacher weights and
+    the wrong one boxed an answer (early: λ decays to 0): the README's worked example."""
+    for a, b in itertools.pairwise(samples):
         if (a["step"] == b["step"] and a["rollout"] // 8 == b["rollout"] // 8 and a["teachers"]
                 and b["teachers"] and a["advantage"] > 0 > b["advantage"]
                 and "boxed{" in b["response"]):
@@ -157,11 +158,11 @@ def render(results: Path) -> str:
     samples = _records(results / "samples.jsonl")
     steps = max(r["step"] for r in metrics)
     rel = report._rel(results)
-    val = [(r["step"] if "step" in r else 0, r["val/accuracy"]) for r in metrics
+    val = [(r.get("step", 0), r["val/accuracy"]) for r in metrics
            if "val/accuracy" in r]
     warm = summary["warmup"]
     lines = [
-        "The synthetic task of the offline run is a sum of three digits, written in the problem "
+        ("The synthetic task of the offline run is a sum of three digits, written in the problem "
         "and drawn in the image (`What is 3 + 5 + 2?`). The warm-up "
         f"({warm['steps']} steps of {warm['batch_size']}) teaches two ways to answer it: worked "
         "steps, `3+5=8, 8+2=10, so \\boxed{10}.`, which never slip "
@@ -171,16 +172,16 @@ def render(results: Path) -> str:
         "a few tokens: the one where a rollout turns hasty and the answer. "
         f"{warm['hint_fraction']:.0%} of the targets follow a teacher hint: a true hint with "
         "worked steps, a wrong one with a slipped hasty sum, so the teachers told the right and "
-        "the wrong answer disagree on those tokens. RL has to learn to work the steps.",
+        "the wrong answer disagree on those tokens. RL has to learn to work the steps."),
         "",
-        f"Measured here ({summary['cpu']}, {summary['cores']} cores shared with other jobs, "
+        (f"Measured here ({summary['cpu']}, {summary['cores']} cores shared with other jobs, "
         f"load average {summary['loadavg_before']} at the start): "
         f"`{summary['command']}` ({steps} steps by default) took "
         f"{summary['wall_s'] / 60:.1f} min on a fresh cache, the warm-up build included, using "
         f"{summary['cpu_s'] / 60:.1f} min of CPU time (about its wall time on an idle machine: "
         "one thread). "
         f"The run is deterministic; these figures are `{rel}/` "
-        "(regenerate with `python -m bench.offline_run --readme README.md`).",
+        "(regenerate with `python -m bench.offline_run --readme README.md`)."),
         "",
         "| first vs last 3 steps | start | end |",
         "|---|---|---|",
@@ -194,25 +195,25 @@ def render(results: Path) -> str:
     wrong = {k: [r[f"cepo/frac_wrong_dir_{k}"] for r in metrics
                  if f"cepo/frac_wrong_dir_{k}" in r] for k in ("pos", "neg")}
     ans = answer_wrong_dir(samples)
-    lines += ["", "Do the teachers use the hint? Share of tokens whose Δ points the wrong way "
+    lines += ["", ("Do the teachers use the hint? Share of tokens whose Δ points the wrong way "
               "(0.5 = chance), mean over steps: all tokens "
               f"{sum(wrong['pos']) / max(len(wrong['pos']), 1):.2f} on A > 0 rollouts, "
               f"{sum(wrong['neg']) / max(len(wrong['neg']), 1):.2f} on A < 0; the answer tokens "
-              f"inside `\\boxed{{}}` of `samples.jsonl`: {ans['answer_wrong_dir_pos']:.2f} "
-              f"({ans['answer_tokens_pos']} tokens) and {ans['answer_wrong_dir_neg']:.2f} "
-              f"({ans['answer_tokens_neg']} tokens)."]
+              f"inside `\\boxed{{}}` of `samples.jsonl`: "
+              f"{ans['answer_wrong_dir_pos']:.2f} on A > 0 ({ans['answer_tokens_pos']} tokens), "
+              f"{ans['answer_wrong_dir_neg']:.2f} on A < 0 ({ans['answer_tokens_neg']} tokens).")]
     pair = _example_pair(samples)
     if pair is not None:
         good, bad = pair
-        lines += ["", f"`samples.jsonl`, step {good['step']} (`{good['problem']}`, answer "
+        lines += ["", (f"`samples.jsonl`, step {good['step']} (`{good['problem']}`, answer "
                   f"{good['answer']}; the teachers told {good['answer']} and "
-                  f"{good['wrong_answer']}):", "",
-                  f"- `{good['response']}` (A = {good['advantage']:+.2f}): w ≠ 1 on "
-                  f"{_weights(good)};",
-                  f"- `{bad['response']}` (A = {bad['advantage']:+.2f}): w ≠ 1 on "
-                  f"{_weights(bad)}.",
-                  "", "(w > 1 on a token of a right rollout: more credit; on a wrong one: a "
-                  "larger penalty; tokens not listed have |w − 1| ≤ 0.05.)"]
+                  f"{good['wrong_answer']}):"), "",
+                  (f"- `{good['response']}` (A = {good['advantage']:+.2f}): w ≠ 1 on "
+                  f"{_weights(good)};"),
+                  (f"- `{bad['response']}` (A = {bad['advantage']:+.2f}): w ≠ 1 on "
+                  f"{_weights(bad)}."),
+                  "", ("(w > 1 on a token of a right rollout: more credit; on a wrong one: a "
+                  "larger penalty; tokens not listed have |w − 1| ≤ 0.05.)")]
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ Other synthetic kinds (`cepo.data.VISUAL_KINDS`) get ``"The answer is \\boxed{X}
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
 like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
 ``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
-two minutes of CPU time. Build it ahead of time with::
+a minute of CPU time. Build it ahead of time with::
 
     python -m cepo.warmup [--dir DIR] [--steps N] [--overwrite]
 """
