@@ -172,7 +172,7 @@ def render(results: Path) -> str:
         "a few tokens: the one where a rollout turns hasty and the answer. "
         f"{warm['hint_fraction']:.0%} of the targets follow a teacher hint: a true hint with "
         "worked steps, a wrong one with a slipped hasty sum, so the teachers told the right and "
-        "the wrong answer disagree on those tokens. RL has to learn to work the steps."),
+        "the wrong answer disagree on those tokens. RL is rewarded for the worked steps."),
         "",
         (f"Measured here ({summary['cpu']}, {summary['cores']} cores shared with other jobs, "
         f"load average {summary['loadavg_before']} at the start): "

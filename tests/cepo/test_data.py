@@ -183,8 +183,10 @@ def test_encode_prompt(processor, examples):
     assert blind.pixel_values is None and int(blind.mm_token_type_ids.sum()) == 0
 
 
-def test_encode_prompts_drops_overlong(processor, examples, caplog):
+def test_encode_prompts_drops_overlong(processor, caplog):
+    examples = synthetic_dataset("train", size=4, kinds=VISUAL_KINDS)  # four prompt lengths
     lengths = [encode_prompt(processor, e).input_ids.numel() for e in examples[:4]]
+    assert len(set(lengths)) > 1
     limit = sorted(lengths)[1]
     with caplog.at_level(logging.WARNING, logger="cepo.data"):
         kept, dropped = encode_prompts(processor, examples[:4], max_prompt_tokens=limit)
