@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -283,28 +284,76 @@ def _encoding_problem(processor, example: Example) -> str:
 
 SYNTHETIC_SIZES = {"train": 512, "val": 128}
 _SPLIT_ALIASES = {"validation": "val", "test": "val"}
+CHAIN_TERMS = 3  # numbers added in a chain-sum problem: two worked steps
+# The offline default: a problem the tiny model can read (digits in the text); the four visual
+# kinds need a vision tower that can read 64x64 drawings, which the tiny model's cannot.
+DEFAULT_KINDS = ("chain_sum",)
+VISUAL_KINDS = ("dots", "number_sum", "bar_fraction", "grid_area")
 
 
 def synthetic_dataset(
-    split: str = "train", *, size: int | None = None, seed: int = 0, image_size: int = 64
+    split: str = "train",
+    *,
+    size: int | None = None,
+    seed: int = 0,
+    image_size: int = 64,
+    kinds: Sequence[str] = DEFAULT_KINDS,
 ) -> list[Example]:
-    """A deterministic visual-math set in Geo3k's schema, drawn with PIL.
+    """A deterministic math set in Geo3k's schema, drawn with PIL, checkable by `cepo.grading`.
 
-    Four kinds of problem, each answerable only from the image and checkable by `cepo.grading`:
-    counting dots, adding two drawn numbers, the shaded fraction of a bar (answer ``\\frac{k}{d}``)
-    and the area of a shaded rectangle on a unit grid. Train and val use disjoint random streams
-    (the split name is part of the seed), so the same seed always gives the same examples.
+    Kinds, used in turn: ``chain_sum`` (the default) asks for ``a + b + c`` with the digits in
+    the text and drawn in the image, to be worked step by step (`chain_solution`), so a right and
+    a wrong response differ in a few tokens of shared reasoning. The four `VISUAL_KINDS`
+    are answerable only from the image: counting dots, adding two drawn numbers, the shaded
+    fraction of a bar (answer ``\\frac{k}{d}``) and the area of a shaded rectangle on a unit grid.
+    Train and val use disjoint random streams (the split name is part of the seed), so the same
+    seed always gives the same examples.
     """
     split = _SPLIT_ALIASES.get(split, split)
     if split not in SYNTHETIC_SIZES:
         raise ValueError(f"synthetic split must be one of {sorted(SYNTHETIC_SIZES)}, got {split!r}")
+    unknown = [k for k in kinds if k not in _MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"synthetic kinds must be a non-empty subset of {sorted(_MAKERS)}, "
+                         f"got {list(kinds)!r}")
     n = SYNTHETIC_SIZES[split] if size is None else size
     rng = random.Random(f"cepo-synthetic/{seed}/{split}")  # str seeds hash deterministically
-    makers = (_dots, _number_sum, _bar_fraction, _grid_area)
+    makers = [_MAKERS[k] for k in kinds]
     return [
         _make(makers[i % len(makers)], rng, image_size, uid=f"synthetic-{split}-{i}")
         for i in range(n)
     ]
+
+
+_CHAIN = re.compile(r"What is (\d+(?: \+ \d+)+)\?")
+
+
+def chain_terms(problem: str) -> list[int] | None:
+    """The numbers of a ``chain_sum`` problem (``[3, 5, 2]``), or None for any other problem."""
+    match = _CHAIN.search(problem)
+    return [int(x) for x in match.group(1).split(" + ")] if match else None
+
+
+def chain_solution(terms: Sequence[int], slips: Sequence[int] = ()) -> tuple[str, int]:
+    """The worked steps of a chain sum and their result: ``("3+5=8, 8+2=10", 10)``.
+
+    ``slips[k]`` is added to step k's result (0: no slip); later steps carry the slipped number
+    on, as a student who slipped would, so the decisive tokens are the slipped step's.
+    """
+    total, steps = terms[0], []
+    for k, term in enumerate(terms[1:]):
+        result = total + term + (slips[k] if k < len(slips) else 0)
+        steps.append(f"{total}+{term}={result}")
+        total = result
+    return ", ".join(steps), total
+
+
+def _chain_sum(rng: random.Random, draw: ImageDraw.ImageDraw, size: int) -> tuple[str, str]:
+    terms = [rng.randint(1, 9) for _ in range(CHAIN_TERMS)]
+    text = " + ".join(map(str, terms))
+    font = ImageFont.load_default(size=max(8, size // 6))
+    draw.text((size // 16, size // 3), text, fill="black", font=font)
+    return f"What is {text}?", str(sum(terms))
 
 
 def _make(maker, rng: random.Random, size: int, uid: str) -> Example:
@@ -358,6 +407,15 @@ def _grid_area(rng: random.Random, draw: ImageDraw.ImageDraw, size: int) -> tupl
         "Each small square has side 1. What is the area of the shaded rectangle?",
         str(w * h),
     )
+
+
+_MAKERS = {
+    "chain_sum": _chain_sum,
+    "dots": _dots,
+    "number_sum": _number_sum,
+    "bar_fraction": _bar_fraction,
+    "grid_area": _grid_area,
+}
 
 
 def iter_batches(

@@ -1,22 +1,27 @@
 """The offline default's starting model: the tiny Qwen3-VL briefly taught the synthetic task.
 
 A random tiny model never boxes an answer, so every group has equal rewards, A = 0 everywhere and
-RL has nothing to learn from. A short supervised warm-up on the synthetic train split fixes that:
+RL has nothing to learn from. A short supervised warm-up on the synthetic train split fixes that.
+On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer:
 
-  * every target states the answer, half of them inside ``\\boxed{}`` and half without
-    ("The answer is \\boxed{7}." / "The answer is 7."), so from the first RL step groups mix
-    rewards 0, 0.1 and 1.0, and the format rate has room to rise;
-  * a few hundred steps teach what can be read off the 64x64 images only in part (the shaded
-    area best, the drawn numbers hardly), so groups hold both right and wrong answers;
-  * one target in three follows a teacher hint (the prompt, then ``" {answer}"`` as the assistant
-    turn's first tokens, SPEC §5) and repeats the hinted answer, right or wrong, so r+ and r-
-    teachers disagree on the answer tokens as a large instruction-tuned model's would, and the
-    CEPO weights carry signal instead of noise.
+  * worked steps, ``3+5=8, 8+2=10, so \\boxed{10}.``, which never slip, for `careful_fraction`
+    of the unhinted targets; the rest add all terms at once, ``3+5+2=11, so \\boxed{11}.``, and
+    are off by 1 or 2 with `slip_fraction`. So the model starts partly right, groups mix right
+    and wrong answers that differ in a few tokens, and RL has something to learn: to work the
+    steps (one early choice of token, shared by every problem);
+  * `hint_fraction` of the targets follow a teacher hint (the prompt, then ``" {answer}"`` as the
+    assistant turn's first tokens) and reach the hinted answer: a true hint with worked steps, a
+    wrong one with a hasty, slipped sum. So the r+ and r- teachers disagree on the token where a
+    rollout turns hasty and on the answer, as a large instruction-tuned model's would, and the
+    CEPO weights carry signal;
+  * `boxed_fraction` of the targets box the answer, the rest state it plainly.
+
+Other synthetic kinds (`cepo.data.VISUAL_KINDS`) get ``"The answer is \\boxed{X}."`` targets.
 
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
 like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
 ``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
-a minute on 2 CPU cores. Build it ahead of time with::
+a minute of CPU time. Build it ahead of time with::
 
     python -m cepo.warmup [--dir DIR] [--steps N] [--overwrite]
 """
@@ -38,7 +43,7 @@ from cepo.cache import build_once
 
 logger = logging.getLogger(__name__)
 
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _STAMP = "cepo_warmup.json"
 
 
@@ -47,8 +52,10 @@ class WarmupConfig:
     steps: int = 400  # AdamW steps of `batch_size` examples
     batch_size: int = 32
     lr: float = 3e-3  # peak lr, cosine to 10% after 20 warm-up steps
-    boxed_fraction: float = 0.5  # targets with the answer inside \boxed{}
+    boxed_fraction: float = 0.9  # targets with the answer inside \boxed{}
     hint_fraction: float = 1 / 3  # targets that follow a teacher hint
+    careful_fraction: float = 0.5  # unhinted sums worked step by step (the rest: all at once)
+    slip_fraction: float = 0.6  # sums done all at once that are off by 1 or 2
     seed: int = 0  # tiny model init, target choices, batch order
 
 
@@ -89,7 +96,7 @@ def build_warm_tiny(
 
 def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None) -> None:
     from cepo.batch import collate
-    from cepo.data import encode_prompt, synthetic_dataset
+    from cepo.data import chain_solution, chain_terms, encode_prompt, synthetic_dataset
     from cepo.models import (
         load_model,
         load_processor,
@@ -102,7 +109,7 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
     from cepo_kernels import fused_linear_logprobs
 
     clock = time.perf_counter()
-    logger.info("building the warmed-up tiny model (first use only; about a minute on 2 cores)")
+    logger.info("building the warmed-up tiny model (first use only)")
     if base is None:
         base = build_tiny_model(vocab="mini", seed=config.seed)
     processor = load_processor(str(base))
@@ -113,18 +120,37 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
     rng = random.Random(f"cepo-warmup/{config.seed}")
     by_kind: dict[int, list[str]] = {}
     for i, p in enumerate(prompts):
-        by_kind.setdefault(i % 4, []).append(p.example.answer)  # the four synthetic kinds
+        by_kind.setdefault(i % 4, []).append(p.example.answer)  # visual kinds: wrong hints
 
     def row(i: int):
-        """(prefix, target text) of one training example, drawn afresh each time it is used."""
+        """(prefix, target ids) of one training example, drawn afresh each time it is used."""
         prompt = prompts[i]
-        answer, prefix = prompt.example.answer, prompt.prefix()
-        if rng.random() < config.hint_fraction:
-            # a teacher context: the hint's answer (right half the time) is the one to repeat
-            answer = answer if rng.random() < 0.5 else rng.choice(by_kind[i % 4])
+        prefix = prompt.prefix()
+        hinted = rng.random() < config.hint_fraction
+        terms = chain_terms(prompt.example.problem)
+        if terms is not None:
+            # worked steps (never slip) or all terms at once (slip with `slip_fraction`); a hint
+            # (a teacher's context) comes with worked steps when true, a slipped hasty sum when
+            # wrong, so the teachers disagree on the step where a rollout turns hasty
+            right_hint = rng.random() < 0.5
+            careful = right_hint if hinted else rng.random() < config.careful_fraction
+            if careful:
+                work, total = chain_solution(terms)
+            else:
+                slip = (not right_hint) if hinted else rng.random() < config.slip_fraction
+                total = sum(terms) + (rng.choice((-2, -1, 1, 2)) if slip else 0)
+                work = "+".join(map(str, terms)) + f"={total}"
+            answer = str(total)
+            text = f"{work}, so \\boxed{{{answer}}}." if rng.random() < config.boxed_fraction \
+                else f"{work}, so {answer}."
+        else:
+            answer = prompt.example.answer
+            if hinted:  # the hint's answer (right half the time) is the one to repeat
+                answer = answer if rng.random() < 0.5 else rng.choice(by_kind[i % 4])
+            text = f"The answer is \\boxed{{{answer}}}." if rng.random() < config.boxed_fraction \
+                else f"The answer is {answer}."
+        if hinted:
             prefix = prefix.extend(hint_ids(tokenizer, " {answer}", answer))
-        boxed = rng.random() < config.boxed_fraction
-        text = f"The answer is \\boxed{{{answer}}}." if boxed else f"The answer is {answer}."
         return prefix, tokenizer(text, add_special_tokens=False)["input_ids"] + [
             tokenizer.eos_token_id
         ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cepo.batch import collate
-from cepo.data import EncodedPrompt, encode_prompt, synthetic_dataset
+from cepo.data import VISUAL_KINDS, EncodedPrompt, encode_prompt, synthetic_dataset
 from cepo.grading import Grader
 from cepo.models import load_model, load_processor
 from cepo.rollout import RolloutConfig, Rollouts
@@ -35,7 +35,8 @@ def model(tiny_dir):
 
 @pytest.fixture(scope="session")
 def examples():
-    return synthetic_dataset("train", size=8, seed=0)
+    # every kind, so prompts differ in length (left padding gets exercised)
+    return synthetic_dataset("train", size=8, seed=0, kinds=(*VISUAL_KINDS, "chain_sum"))
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import re
 from collections import deque
 
 import numpy as np
@@ -15,9 +16,13 @@ from PIL import Image
 
 from cepo import sources
 from cepo.data import (
+    DEFAULT_KINDS,
     FORMAT_SUFFIX,
+    VISUAL_KINDS,
     Example,
     build_messages,
+    chain_solution,
+    chain_terms,
     encode_prompt,
     encode_prompts,
     iter_batches,
@@ -75,7 +80,7 @@ def _components(mask: np.ndarray) -> int:
 
 
 def test_synthetic_images_encode_their_answers(grader):
-    examples = synthetic_dataset("train", size=40, seed=1)
+    examples = synthetic_dataset("train", size=40, seed=1, kinds=VISUAL_KINDS)
     checked = set()
     for e in examples:
         pixels = np.asarray(e.images[0]).astype(int)
@@ -96,6 +101,29 @@ def test_synthetic_images_encode_their_answers(grader):
             assert "sum" in e.problem and int(e.answer) >= 2
         checked.add(e.problem)
     assert len(checked) == 4  # all four kinds appear
+
+
+def test_chain_sums_state_their_terms_and_slips_carry_on():
+    examples = synthetic_dataset("val", size=30, seed=2)
+    assert synthetic_dataset("val", size=30, seed=2, kinds=DEFAULT_KINDS)[5].problem == \
+        examples[5].problem
+    for e in examples:
+        terms = [int(x) for x in re.findall(r"\d+", e.problem)]
+        assert len(terms) == 3 and all(1 <= t <= 9 for t in terms)
+        assert chain_terms(e.problem) == terms and int(e.answer) == sum(terms)
+        assert (np.asarray(e.images[0]) < 128).any()  # the sum is drawn too
+    assert chain_terms("<image>How many dots are in the image?") is None
+    assert chain_solution([3, 5, 2]) == ("3+5=8, 8+2=10", 10)
+    # a slip in step 1 carries into step 2; a slip in step 2 leaves step 1 right
+    assert chain_solution([3, 5, 2], [1, 0]) == ("3+5=9, 9+2=11", 11)
+    assert chain_solution([3, 5, 2], [0, -2]) == ("3+5=8, 8+2=8", 8)
+
+
+def test_synthetic_kinds_are_checked():
+    with pytest.raises(ValueError, match="kinds.*'circles'"):
+        synthetic_dataset("train", size=4, kinds=("chain_sum", "circles"))
+    with pytest.raises(ValueError, match="kinds"):
+        synthetic_dataset("train", size=4, kinds=())
 
 
 def test_load_split_dispatches_synthetic():
@@ -157,8 +185,10 @@ def test_encode_prompt(processor, examples):
     assert blind.pixel_values is None and int(blind.mm_token_type_ids.sum()) == 0
 
 
-def test_encode_prompts_drops_overlong(processor, examples, caplog):
+def test_encode_prompts_drops_overlong(processor, caplog):
+    examples = synthetic_dataset("train", size=4, kinds=VISUAL_KINDS)  # four prompt lengths
     lengths = [encode_prompt(processor, e).input_ids.numel() for e in examples[:4]]
+    assert len(set(lengths)) > 1
     limit = sorted(lengths)[1]
     with caplog.at_level(logging.WARNING, logger="cepo.data"):
         kept, dropped = encode_prompts(processor, examples[:4], max_prompt_tokens=limit)

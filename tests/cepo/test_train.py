@@ -1,6 +1,6 @@
 """End to end: `python -m cepo.train` on the tiny model, per algorithm, resumed, then evaluated
 and merged (two processes, DDP and FSDP: test_distributed.py). Tiny settings (4 prompts x 4
-rollouts, 12 new tokens) keep each run to a few seconds on the CPU; the starting model is a short
+rollouts, 24 new tokens) keep each run to a few seconds on the CPU; the starting model is a short
 version of the offline default's warm-up, so groups mix right, wrong and unformatted answers from
 the first step."""
 
@@ -29,7 +29,7 @@ VOLATILE = ("time/", "throughput/", "memory/peak")
 def train_args(warm_dir, out, algo="cepo", steps=2, **extra) -> list[str]:
     args = {
         "model.name": warm_dir, "algo": algo, "steps": steps, "output_dir": out,
-        "prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
+        "prompts_per_step": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 24,
         "data.train_limit": 32, "data.val_limit": 8, "val.every": 2, "checkpoint.every": 1,
         "teacher.micro_batch_size": 16, "ppo.micro_batch_size": 8, "optim.lr": 2e-3,
         "optim.warmup_steps": 1, "log.progress": False, "num_threads": 1, **extra,
