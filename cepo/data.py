@@ -10,9 +10,9 @@ missing, undecodable or oversized image, an aspect ratio the processor refuses, 
 processor, any prompt it cannot encode. A source with no usable row is an error; a file that is not
 rows names the file and line.
 
-Prompts follow the Geo3k recipe of SPEC §6: the problem (trimmed) + `FORMAT_SUFFIX`, split on
-``<image>`` into image and text parts of a single user turn, rendered with the model's own chat
-template with the assistant header appended.
+Prompts follow the Geo3k recipe of docs/METHOD.md, "Grading and reward": the problem (trimmed)
++ `FORMAT_SUFFIX`, split on ``<image>`` into image and text parts of a single user turn, rendered
+with the model's own chat template with the assistant header appended.
 """
 
 from __future__ import annotations
