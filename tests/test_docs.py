@@ -4,7 +4,6 @@ README point at exists, and nothing points at notes outside the repository."""
 import re
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "METHOD.md"
 
