@@ -88,13 +88,21 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
         assert ra.keys() == rb.keys()
         for key, value in ra.items():
             if not key.startswith((*VOLATILE, "memory/")):  # memory: compared below
-                assert rb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (ra["step"], key)
+                # fp32 sums in another order (two layouts, two processes): Δ means near 0 and
+                # log-ratio extremes move by up to ~2e-5 relative or a few 1e-7; the wrong-way
+                # shares count signs of Δ, which is near 0 on tokens both teachers are sure of
+                # (|Δ| < 1e-3 on 2/3 of the offline run's): a few of ~80 may flip sign
+                tol = 0.05 if key.startswith("cepo/frac_wrong_dir") else 1e-6
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=tol), (ra["step"], key)
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+        # AdamW divides by sqrt(v): on a weight whose gradient is near 0, another summation
+        # order moves it by a few 1e-6 after two steps (measured: 2.6e-6 on 1 of 1024)
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def assert_same_optimizer(a: Path, b: Path) -> None:
