@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +110,9 @@ def test_text_model_keeps_trl_tokenizer(tiny_text_dir, tmp_path):
                               train_dataset=example.text_dataset(2))
     assert not isinstance(trainer.processing_class, Qwen3VLImageOnlyProcessor)
     assert hasattr(trainer.processing_class, "apply_chat_template")
+
+
+def test_readme_runs_the_tested_example_commands():
+    """The README's TRL section shows exactly the commands the two example tests run."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert re.findall(r"python examples/trl_cpu\.py --model (\w+)", readme) == ["text", "vl"]
