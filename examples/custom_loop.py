@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from cepo.advantages import group_advantages
-from cepo.batch import Prefix, collate
 from cepo.grading import extract_boxed
-from cepo.models import load_model, load_processor
 from cepo.teachers import select_wrong_answers
 from cepo.tiny import build_tiny_model
 from cepo_kernels import CEPOLoss, contrastive_evidence
@@ -31,23 +30,29 @@ LAMBDA_INIT, WARMUP, EPS_W = 0.5, 25, 0.5  # docs/METHOD.md, "Presets", paper pr
 HINT = " {answer}"
 
 
-def hidden_before_head(model, batch, response_len: int) -> torch.Tensor:
+def hidden_before_head(model, batch: dict, response_len: int) -> torch.Tensor:
     """Hidden states [B, T, D] that predict the last T tokens (the response) of every row."""
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False)
+    out = model.model(**batch, use_cache=False)
     return out.last_hidden_state[:, -response_len - 1: -1]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--model-dir", default=None, help="tiny model directory (built if absent)")
+    parser.add_argument("--model-dir", default=None,
+                        help="tiny model directory (default: built in a temporary folder, removed "
+                             "at the end)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    if args.model_dir is not None:
+        return train(build_tiny_model(args.model_dir), args.steps)
+    with tempfile.TemporaryDirectory(prefix="cepo-tiny-") as tmp:
+        return train(build_tiny_model(Path(tmp) / "model"), args.steps)
 
-    model_dir = build_tiny_model(args.model_dir or tempfile.mkdtemp(prefix="cepo-tiny-"))
-    tok = load_processor(model_dir).tokenizer
-    model = load_model(model_dir, device="cpu").train()
+
+def train(model_dir, steps: int) -> list[dict]:
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).train()
     weight = model.get_output_embeddings().weight  # [V, D] lm_head
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = CEPOLoss(clip_low=0.2, clip_high=0.28, clip_dual=3.0)
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     answers = [extract_boxed(t) for t in texts]
     accuracy = [float(a == truth) for a in answers]
     rewards = torch.tensor([0.9 * acc + 0.1 * (a is not None) for a, acc in zip(answers, accuracy)])
-    advantages = group_advantages(rewards, len(texts))  # [G] GRPO advantages A_i
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)  # [G] GRPO advantages A_i
     wrong = select_wrong_answers(answers, rewards.tolist(), accuracy)[0]  # r-: worst rejected
 
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
@@ -74,15 +79,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         response[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), True
     labels = response.masked_fill(~mask, -100)
 
-    def rows(hint_answer: str | None):  # G rows of [pad | prompt (+ hint) | response]
-        prefix = Prefix(prompt, torch.zeros_like(prompt, dtype=torch.int32))
+    def rows(hint_answer: str | None) -> dict:  # G rows of [prompt (+ hint) | response]
+        context = prompt
         if hint_answer is not None:
             hint = tok(HINT.format(answer=hint_answer), add_special_tokens=False)["input_ids"]
-            prefix = prefix.extend(torch.tensor(hint))
-        return collate([prefix] * len(ids), tok.pad_token_id, response, mask.long())
+            context = torch.cat([prompt, torch.tensor(hint)])
+        # every row has the same context, so all responses start in the same column
+        context = context.expand(len(ids), -1)
+        return {"input_ids": torch.cat([context, response], dim=1),
+                "attention_mask": torch.cat([torch.ones_like(context), mask.long()], dim=1)}
 
     history = []
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         lam = LAMBDA_INIT * max(0.0, 1.0 - (step - 1) / WARMUP)  # docs/METHOD.md, "Schedules"
 
         # 1. teacher contexts: the same response after the ground truth and after r-

@@ -1,13 +1,27 @@
-"""Shared test helpers: the backends to run, per-dtype tolerances, a verbose allclose."""
+"""Shared test helpers: the backends to run, per-dtype tolerances, a verbose allclose, the
+examples as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from cepo_kernels.backend import triton_available
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """The module `examples/<name>.py` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TRITON_OK = triton_available()[0] and (DEVICE.type == "cuda"

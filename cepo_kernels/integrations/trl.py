@@ -39,12 +39,13 @@ import trl
 from accelerate.utils import gather, gather_object
 from packaging.version import Version
 from PIL import Image
+from transformers import AutoConfig
 from trl import GRPOTrainer
 
 from cepo.batch import collate
 from cepo.data import fit_pixels
 from cepo.grading import Grader, extract_boxed
-from cepo.models import output_head
+from cepo.models import load_processor, output_head, torchvision_available
 from cepo.teachers import select_wrong_answers
 from cepo_kernels import contrastive_evidence
 
@@ -141,6 +142,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path
             config = params["args"] = CEPOConfig(f"{str(name).split('/')[-1]}-CEPO")
         _check_before_init(config, params)
+        if params.get("processing_class") is None and not torchvision_available():
+            params["processing_class"] = _image_only_processor(params["model"], config)
         super().__init__(*bound.args[1:], **bound.kwargs)
         self._check_after_init()
         self._cepo_grader = Grader(timeout_s=config.cepo_grader_timeout_s)
@@ -425,6 +428,15 @@ def _check_before_init(config, params: dict) -> None:
         raise ValueError(f"the train dataset has no answer column {config.cepo_answer_column!r} "
                          f"(columns: {list(columns)}); CEPO builds the r+ teacher from it. Set "
                          "CEPOConfig(cepo_answer_column=...) to the ground-truth column")
+
+
+def _image_only_processor(model, config: CEPOConfig):
+    """TRL's default Qwen3-VL processor needs torchvision (video): without it, cepo's image-only
+    one (images work as usual, videos do not). None, i.e. TRL's default, for other models."""
+    name = model if isinstance(model, str) else model.config._name_or_path
+    model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.trust_remote_code) \
+        if isinstance(model, str) else model.config
+    return load_processor(name) if model_config.model_type == "qwen3_vl" else None
 
 
 def _gather_head(weight, bias):

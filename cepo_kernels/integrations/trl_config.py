@@ -1,5 +1,5 @@
-"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages" and
-"Schedules" and "Teachers"), and the λ schedule.
+"""`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages",
+"Schedules" and "Teachers"), the λ schedule, and fp32 by default without a bf16 GPU.
 
 Every CEPO field is prefixed ``cepo_`` so none can collide with a GRPOConfig field (GRPOConfig
 already has ``delta``, ``temperature``, ...). TRL's own defaults (loss type, clipping, ...) are left
@@ -8,10 +8,14 @@ untouched: switching trainers changes the advantages and nothing else.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
+from transformers import training_args as hf_training_args
 from trl import GRPOConfig
+
+logger = logging.getLogger(__name__)
 
 ALGOS = ("cepo", "rlsd")
 NEG_CHOICES = ("worst", "most_frequent")
@@ -92,6 +96,7 @@ class CEPOConfig(GRPOConfig):
         "help": "Time limit per graded answer (math-verify runs in a child process)."})
 
     def __post_init__(self):
+        self._fit_precision()
         super().__post_init__()
         _choice("cepo_algo", self.cepo_algo, ALGOS)
         _choice("cepo_neg_choice", self.cepo_neg_choice, NEG_CHOICES)
@@ -129,6 +134,22 @@ class CEPOConfig(GRPOConfig):
             raise ValueError("cepo_answer_column must name a dataset column")
         if self.cepo_grader_timeout_s <= 0:
             raise ValueError(f"cepo_grader_timeout_s must be > 0, got {self.cepo_grader_timeout_s}")
+
+    def _fit_precision(self) -> None:
+        """GRPOConfig turns bf16 on by default, which transformers refuses without a bf16 device
+        unless ``use_cpu=True``: here an unset ``bf16`` becomes fp32 on such a machine, and an
+        explicit ``bf16=True`` fails naming the fix."""
+        if self.use_cpu or self.fp16 or hf_training_args.is_torch_bf16_gpu_available() or \
+                hf_training_args.is_torch_xla_available():
+            return
+        if self.bf16 is None:
+            logger.warning("no bf16-capable GPU: CEPOConfig trains in fp32 (bf16=False); pass "
+                           "bf16=True, use_cpu=True for bf16 autocast on the CPU")
+            self.bf16 = False
+        if self.bf16 or self.bf16_full_eval:
+            name = "bf16" if self.bf16 else "bf16_full_eval"
+            raise ValueError(f"{name}=True needs a bf16-capable GPU and none is available: pass "
+                             f"{name}=False (fp32), or use_cpu=True to use bf16 on the CPU")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import ast
+import tempfile
 
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_loop.py"
+from tests.helpers import EXAMPLES, load_example
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("custom_loop", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("custom_loop")
 
 
 def test_custom_loop_runs(tiny_vl_dir, capsys):
@@ -32,3 +29,27 @@ def test_custom_loop_runs(tiny_vl_dir, capsys):
         assert ((a_hat - full).abs()[mask] <= bound[mask]).all()
         assert (a_hat[~mask] == 0).all()
         assert not torch.allclose(a_hat[mask], full[mask])
+
+
+def test_custom_loop_leaves_no_temporary_folder(monkeypatch, tmp_path, capsys):
+    """Without --model-dir the tiny model is built in a temporary folder that is removed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    history = _load().main(["--steps", "1"])
+    assert [h["step"] for h in history] == [1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_loop_imports_only_public_functions():
+    """The recipe uses the kernels' public API, transformers, and three documented cepo
+    functions; no private names and none of the trainer's internal batch layout."""
+    tree = ast.parse((EXAMPLES / "custom_loop.py").read_text())
+    imported = {(node.module, alias.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) for alias in node.names}
+    import cepo_kernels
+
+    for module, name in imported:
+        assert not name.startswith("_"), (module, name)
+        if module == "cepo_kernels":
+            assert name in cepo_kernels.__all__, name
+    assert {m for m, _ in imported if m.startswith("cepo.")} == \
+        {"cepo.grading", "cepo.teachers", "cepo.tiny"}
