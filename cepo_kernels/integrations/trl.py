@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,10 @@ class CEPOGRPOTrainer(GRPOTrainer):
                                       "vespo"})
 
     def __init__(self, *args, **kwargs):
+        # peft and TRL read a transformers property renamed in 5.x (is_gradient_checkpointing):
+        # a FutureWarning per load and step that the user can do nothing about
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs)
         params = bound.arguments
         config = params.get("args")
