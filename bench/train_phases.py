@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -252,9 +253,9 @@ def render(results: Path) -> str:
         + (f", lr {lr:g}" if lr is not None else "")
         + f"; {result['wall_s'] / 60:.1f} min on {m['cores']} shared cores{load}, "
         f"{m['date_utc']}): a CEPO step takes {vs_grpo(cepo)}, an RLSD step {vs_grpo(rlsd)}. "
-        f"Rollout and update take {seconds('rollout')} s and {seconds('update')} s per step "
-        "(GRPO / RLSD / CEPO); the difference is the score phase, where GRPO computes only the "
-        f"student's old log-probs ({grpo['phases']['score']['share']:.0%} of its step) and CEPO "
+        f"Rollout takes {seconds('rollout')} s per step, update {seconds('update')} s and "
+        f"score {seconds('score')} s (GRPO / RLSD / CEPO): in the score phase GRPO computes only "
+        f"the student's old log-probs ({grpo['phases']['score']['share']:.0%} of its step) and CEPO "
         "the student and both teachers in one fused call "
         f"({cepo['phases']['score']['share']:.0%} of its step, about "
         f"{100 * cepo['teacher_share_est']:.0f} points of it the teachers). The paper's reference "
@@ -267,7 +268,9 @@ def render(results: Path) -> str:
         + f"Tables and raw numbers: `{report._rel(results)}/` (regenerate with "
         "`python -m bench.train_phases --readme README.md`; `--render-only` rewrites only this "
         "paragraph).")
-    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False) + "\n"
+    text = re.sub(r"`[^`]*`", lambda c: c.group().replace(" ", "\0"), text)  # code spans whole
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False).replace(
+        "\0", " ") + "\n"
 
 
 def write_readme(readme: Path, text: str) -> None:
