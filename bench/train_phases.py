@@ -5,6 +5,8 @@ code pays about +10% wall-clock for CEPO over GRPO).
     python -m bench.train_phases                         # 12 steps x 6 runs per algorithm
     python -m bench.train_phases --quick                 # 2 steps x 1 repeat: a smoke run
     python -m bench.train_phases --steps 10 --rollout.max_new_tokens 64   # + any cepo.train flag
+    python -m bench.train_phases --readme README.md      # run, then rewrite the README paragraph
+    python -m bench.train_phases --render-only --readme README.md   # paragraph from --out's JSON
 
 Every run is the offline tiny default of ``python -m cepo.train`` with the same seed (step 1's
 rollouts are identical across algorithms; later ones drift apart with the policies), a constant
@@ -24,9 +26,11 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from unittest import mock
@@ -42,9 +46,12 @@ PHASES = ("rollout", "reward", "score", "update")  # in step order; "other" is t
 RAW_PREFIXES = ("time/", "cpu/", "tokens/")  # throughput/* = tokens / time: left out
 RAW_KEYS = ("step", "reward/mean", "rollout/mixed_groups", "rollout/response_length",
             "cepo/lambda")
-SETTINGS = ("model.name", "prompts_per_step", "rollout.group_size", "rollout.max_new_tokens",
-            "num_threads", "kernel_backend", "lora.enabled", "teacher.micro_batch_size",
+SETTINGS = ("model.name", "data.train", "prompts_per_step", "rollout.group_size",
+            "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "seed", "num_threads",
+            "kernel_backend", "lora.enabled", "teacher.micro_batch_size",
             "ppo.micro_batch_size", "ppo.mini_batches", "cepo.lam0", "cepo.lam_warmup_steps")
+README_BEGIN = "<!-- train-phases:begin (python -m bench.train_phases --readme README.md) -->"
+README_END = "<!-- train-phases:end -->"
 DEFAULT_OUT = report.REPO / "bench/results" / report.machine_name("cpu") / "train_phases"
 
 
@@ -59,6 +66,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="first steps of each run left out of the summary (kept when a run has "
                         "no others)")
     p.add_argument("--quick", action="store_true", help="2 steps x 1 repeat")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="rewrite this README's train-phases paragraph from --out's JSON")
+    p.add_argument("--render-only", action="store_true",
+                   help="no run: render --out's train_phases.json (to --readme, else stdout)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     args, train_args = p.parse_known_args(argv)
     if args.quick:
@@ -138,10 +149,11 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     return out
 
 
-def machine_info(settings: dict) -> dict:
+def machine_info(settings: dict, load_before: str) -> dict:
     import transformers
 
     return {"machine": report.machine_name("cpu"), "cpu": report._cpu_model(),
+            "loadavg_before": load_before, "loadavg_after": report.loadavg(),
             "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -202,11 +214,94 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_drift(settings: dict) -> list[str]:
+    """The recorded settings that differ from today's ``python -m cepo.train`` default (the
+    benchmark's own constant λ aside): a stale result says so in the README."""
+    from cepo.config import build_config, to_dict
+
+    now = flatten(to_dict(build_config([])))
+    return [f"{k} {settings[k]} (now {now.get(k)})" if k in settings
+            else f"{k} not recorded (now {now.get(k)})"
+            for k in SETTINGS if k != "cepo.lam_warmup_steps" and settings.get(k) != now.get(k)]
+
+
+def render(results: Path) -> str:
+    """The README paragraph: every figure read from ``results/train_phases.json`` (no run)."""
+    result = json.loads((results / "train_phases.json").read_text())
+    m, s, cfg = result["meta"], result["summary"], result["meta"]["settings"]
+    grpo, rlsd, cepo = (s[a] for a in ALGOS)
+
+    def vs_grpo(a: dict) -> str:
+        runs = a["vs_grpo_step_per_repeat"]
+        return (f"{a['vs_grpo_step']:.2f}× a GRPO step ({a['vs_grpo_cpu']:.2f}× in CPU time; "
+                f"{min(runs):.2f}–{max(runs):.2f}× run by run)")
+
+    def seconds(phase: str) -> str:
+        return " / ".join(f"{s[a]['phases'][phase]['s']:.3f}" for a in ALGOS)
+
+    tokens, temp, lr = (cfg.get(k) for k in ("rollout.max_new_tokens", "rollout.temperature",
+                                             "optim.lr"))
+    rollouts = cfg["prompts_per_step"] * cfg["rollout.group_size"]
+    drift = config_drift(cfg)
+    load = f", load average {m['loadavg_before']} at the start" if m.get("loadavg_before") else ""
+    text = (
+        f"Teacher overhead, per phase (`{result['command']}`: the offline tiny run, GRPO, RLSD and "
+        f"CEPO interleaved, {result['steps']} steps × {result['repeats']} runs each, constant λ = "
+        f"{cfg.get('cepo.lam0')}, {cfg['prompts_per_step']} prompts × "
+        f"{cfg['rollout.group_size']} rollouts of at most {tokens} new tokens per step, "
+        + (f"temperature {temp}" if temp is not None else "temperature not recorded")
+        + (f", lr {lr:g}" if lr is not None else "")
+        + f"; {result['wall_s'] / 60:.1f} min on {m['cores']} shared cores{load}, "
+        f"{m['date_utc']}): a CEPO step takes {vs_grpo(cepo)}, an RLSD step {vs_grpo(rlsd)}. "
+        f"Rollout takes {seconds('rollout')} s per step, update {seconds('update')} s and "
+        f"score {seconds('score')} s (GRPO / RLSD / CEPO): in the score phase GRPO computes only "
+        f"the student's old log-probs ({grpo['phases']['score']['share']:.0%} of its step) and CEPO "
+        "the student and both teachers in one fused call "
+        f"({cepo['phases']['score']['share']:.0%} of its step, about "
+        f"{100 * cepo['teacher_share_est']:.0f} points of it the teachers). The paper's reference "
+        "code pays about +10% with 2,048-token responses, where generation dominates; responses "
+        f"here are at most {tokens} tokens ({grpo['tokens_per_step'] / rollouts:.1f} on average "
+        "for GRPO), so scoring weighs more (our reading, not measured). "
+        + ("Measured on the current default config of `python -m cepo.train`. " if not drift
+           else "Measured on a config other than today's default of `python -m cepo.train`: "
+           + "; ".join(drift) + ". ")
+        + f"Tables and raw numbers: `{report._rel(results)}/` (regenerate with "
+        "`python -m bench.train_phases --readme README.md`; `--render-only` rewrites only this "
+        "paragraph).")
+    text = re.sub(r"`[^`]*`", lambda c: c.group().replace(" ", "\0"), text)  # code spans whole
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False).replace(
+        "\0", " ") + "\n"
+
+
+def write_readme(readme: Path, text: str) -> None:
+    """Replace the text between the train-phases markers of ``readme``."""
+    doc = readme.read_text()
+    if README_BEGIN not in doc or README_END not in doc:
+        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} markers")
+    head, rest = doc.split(README_BEGIN, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def readme_block(readme: Path) -> str:
+    """The text between the markers, as ``write_readme`` wrote it."""
+    doc = readme.read_text()
+    return doc.split(README_BEGIN, 1)[1].split(README_END, 1)[0].removeprefix("\n")
+
+
 def main(argv=None) -> int:
     args, train_args = parse_args(argv)
+    if args.render_only:
+        if train_args:
+            raise SystemExit(f"--render-only runs nothing: unexpected {' '.join(train_args)}")
+        text = render(args.out)
+        if args.readme is None:
+            sys.stdout.write(text)
+        else:
+            write_readme(args.readme, text)
+        return 0
     warmup = min(args.warmup, args.steps - 1)
     command = " ".join(["python -m bench.train_phases", *(sys.argv[1:] if argv is None else argv)])
-    runs, t0 = [], time.time()
+    runs, t0, load_before = [], time.time(), report.loadavg()
     with tempfile.TemporaryDirectory(prefix="train_phases-") as tmp:
         for rep in range(args.repeats):
             for algo in ALGOS if rep % 2 == 0 else ALGOS[::-1]:
@@ -221,7 +316,8 @@ def main(argv=None) -> int:
         saved = flatten(yaml.safe_load((Path(tmp) / "grpo-0" / "config.yaml").read_text()))
     result = {"command": command, "steps": args.steps, "repeats": args.repeats,
               "warmup": warmup, "wall_s": time.time() - t0,
-              "meta": machine_info({k: saved.get(k) for k in SETTINGS}),
+              "meta": machine_info({k: saved.get(k) for k in SETTINGS},
+                                                      load_before),
               "summary": summarize(runs, warmup), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_phases.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -229,6 +325,8 @@ def main(argv=None) -> int:
     (args.out / "train_phases.md").write_text(text)
     print(text)
     print(f"bench.train_phases: done in {result['wall_s']:.0f} s → {args.out}")
+    if args.readme is not None:
+        write_readme(args.readme, render(args.out))
     return 0
 
 

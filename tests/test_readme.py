@@ -92,3 +92,76 @@ def test_answer_tokens_wrong_direction_share():
     share = answer_wrong_dir(samples)
     assert share["answer_tokens_pos"] == 2 and share["answer_wrong_dir_pos"] == 0.5
     assert share["answer_tokens_neg"] == 4 and share["answer_wrong_dir_neg"] == 0.25
+
+
+# ------------------------------------------------------------------------- train phases figures
+
+
+def _train_phases_results() -> pathlib.Path:
+    from bench import train_phases
+
+    block = train_phases.readme_block(ROOT / "README.md")
+    found = re.search(r"`(bench/results/[^/`]+/train_phases)/`", block)
+    assert found, "the README's train-phases block names no results folder"
+    return ROOT / found.group(1)
+
+
+def test_readme_train_phases_figures_are_the_committed_results():
+    """Every figure of the README's teacher-overhead paragraph is what the committed
+    train_phases.json renders to (regenerate with `python -m bench.train_phases --readme
+    README.md`, or `--render-only` to rewrite the paragraph alone)."""
+    from bench import train_phases
+
+    results = _train_phases_results()
+    assert train_phases.readme_block(ROOT / "README.md") == train_phases.render(results)
+
+
+def test_committed_train_phases_is_the_current_default():
+    """The committed timing was measured on today's `python -m cepo.train` default."""
+    import json
+
+    from bench import train_phases
+
+    result = json.loads((_train_phases_results() / "train_phases.json").read_text())
+    assert train_phases.config_drift(result["meta"]["settings"]) == []
+    text = " ".join(train_phases.render(_train_phases_results()).split())
+    assert "Measured on the current default config" in text
+
+
+def test_train_phases_render_follows_the_file(tmp_path):
+    """Changing a committed number changes the paragraph; a result measured on another config
+    (or one that did not record it) says so."""
+    import json
+
+    from bench import train_phases
+
+    result = json.loads((_train_phases_results() / "train_phases.json").read_text())
+    result["summary"]["cepo"]["vs_grpo_step"] = 1.875
+    result["summary"]["cepo"]["vs_grpo_step_per_repeat"] = [1.5, 2.25]
+    result["summary"]["cepo"]["teacher_share_est"] = 0.4
+    result["meta"]["settings"]["rollout.max_new_tokens"] = 7
+    result["meta"]["settings"].pop("rollout.temperature", None)
+    (tmp_path / "train_phases.json").write_text(json.dumps(result))
+    text = " ".join(train_phases.render(tmp_path).split())
+    assert "a CEPO step takes 1.88× a GRPO step" in text
+    assert "1.50–2.25× run by run" in text and "about 40 points of it the teachers" in text
+    assert "other than today's default" in text and "rollout.max_new_tokens 7 (now " in text
+    assert "rollout.temperature not recorded (now " in text
+    assert "at most 7 tokens" in text
+
+
+def test_train_phases_readme_markers(tmp_path):
+    """The paragraph is replaced between its markers only; a README without them is refused."""
+    import pytest
+
+    from bench import train_phases
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{train_phases.README_BEGIN}\nold\n{train_phases.README_END}\nb\n")
+    train_phases.write_readme(readme, "new\n")
+    assert readme.read_text() == (f"a\n{train_phases.README_BEGIN}\nnew\n"
+                                  f"{train_phases.README_END}\nb\n")
+    assert train_phases.readme_block(readme) == "new\n"
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        train_phases.write_readme(tmp_path / "bare.md", "new\n")
