@@ -25,12 +25,13 @@ COLUMNS = [
     "time_min_s", "time_max_s", "repeats", "time_vs_naive", "time_vs_floor", "cpu_median_s",
     "cpu_vs_naive", "flops", "tflops",
     "err_vs_naive", "mem_method", "min_repeats", "max_repeats", "budget_s", "probe_n", "seed",
-    "extra", "wall_s",
+    "extra", "wall_s", "load_before", "load_after",
 ]
 NUMERIC = {"n", "d", "v", "mem_mib", "mem_vs_naive", "mem_vs_floor", "time_median_s",
            "time_p20_s", "time_p80_s", "time_min_s", "time_max_s", "repeats", "time_vs_naive",
            "time_vs_floor", "cpu_median_s", "cpu_vs_naive", "flops", "tflops", "err_vs_naive",
-           "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s"}
+           "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s",
+           "load_before", "load_after"}
 PACKAGES = ["torch", "triton", "liger-kernel", "trl", "cut-cross-entropy", "transformers",
             "numpy", "matplotlib", "pytest-benchmark"]
 GOAL_N = {"cpu": 4096, "cuda": 16384}  # the sizes the memory goals are judged at
@@ -68,8 +69,10 @@ def machine_name(device: str) -> str:
 
 
 def loadavg() -> str:
+    """1, 5 and 15-minute load averages (runnable processes; above the core count the
+    machine is oversubscribed and wall-clock times stretch)."""
     try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return ""
 
