@@ -88,9 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="skip the remaining cases once this much time has passed")
     p.add_argument("--isolate", choices=("case", "impl"), default=None,
-                   help="one child process per case (CPU default: peak RSS is the case's own) "
-                        "or per implementation (CUDA default: allocator stats are exact)")
-    p.add_argument("--case-timeout", type=float, default=1800, help="seconds a worker may take per command")
+                   help="one worker process per implementation and shape (CPU default: peak RSS "
+                        "is the case's own) or per implementation for the whole run (CUDA "
+                        "default: allocator stats are exact); either way the implementations "
+                        "of a shape are timed round-robin")
+    p.add_argument("--case-timeout", type=float, default=1800,
+                   help="seconds a worker may take per command (setup or one call)")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--machine", default=None, help="name of the results subfolder")
     p.add_argument("--no-plots", action="store_true")
