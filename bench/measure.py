@@ -1,9 +1,10 @@
 """Measure benchmark cases: incremental peak memory, time, and agreement with the naive baseline.
 
-Runs inside a child process (``python -m bench.measure CASES_JSON``), one JSON row per case on
-stdout after ``ROW_PREFIX``. The parent (bench/run.py) starts a fresh child per case on CPU, so
-each case's peak RSS is its own; on CUDA one child runs all cases of an implementation, since the
-caching allocator's own peak counter is exact in-process.
+Runs inside worker processes (``python -m bench.measure --worker``, driven by bench/run.py): one
+process per implementation, so each case's peak memory is its own (on CPU a fresh set of
+workers per shape; on CUDA one per implementation for the whole run, since the caching
+allocator's own peak counter is exact in-process). ``python -m bench.measure CASES_JSON`` runs
+cases one after the other instead, one JSON row each on stdout after ``ROW_PREFIX``.
 
 Per case, in order:
   1. build the inputs (seeded) — they exist before any baseline is taken, so they are excluded;
@@ -15,6 +16,8 @@ Per case, in order:
   4. timed calls until ``min_repeats`` are done and ``budget_s`` is spent (at most ``max_repeats``);
      with ``time_memory_call`` (CPU quick mode) the memory call counts as the first of them: the
      probe has already warmed the code paths, and a call at N = 4096 takes 10-30 s on 2 cores.
+     The parent interleaves the implementations of a shape: one timed call of each in turn
+     (``interleave``), each in its own worker process (``worker``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from . import baselines as B
 
 ROW_PREFIX = "BENCH_ROW "
+REPLY_PREFIX = "BENCH_REPLY "
 
 
 @dataclass
@@ -148,24 +152,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn, device: torch.device, case: Case, before=None, samples=(), cpu=()):
-    """Wall-clock and process CPU seconds per call (CPU time, summed over threads, is what a
-    shared machine's time slicing distorts least); ``samples``/``cpu`` are already-timed calls."""
-    samples, cpu = list(samples), list(cpu)
-    def done() -> bool:
-        return len(samples) >= case.max_repeats or (
-            len(samples) >= case.min_repeats and sum(samples) >= case.budget_s)
+def repeats_done(samples: list[float], case: Case) -> bool:
+    """A case stops being timed after ``max_repeats`` calls, or after ``min_repeats`` once the
+    timed calls add up to ``budget_s``."""
+    return len(samples) >= case.max_repeats or (
+        len(samples) >= case.min_repeats and sum(samples) >= case.budget_s)
 
-    while not done():
-        if before is not None:
-            before()
-        _sync(device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return samples, cpu
+
+def interleave(timers: dict, cases: dict, samples: dict) -> list[str]:
+    """Round-robin timing: each round times one call of every implementation still short of
+    its repeats, in a fixed order, so a change in a shared machine's load hits all alike.
+
+    ``timers[k]()`` times one call and returns its seconds (None: it failed, stop timing it);
+    ``samples[k]`` holds the calls already timed (the memory call in CPU quick mode) and gets
+    the new ones. Returns the order of the calls made (for the tests)."""
+    order, failed = [], set()
+    while active := [k for k in timers if k not in failed and not repeats_done(samples[k],
+                                                                                cases[k])]:
+        for k in active:
+            order.append(k)
+            t = timers[k]()
+            if t is None:
+                failed.add(k)
+            else:
+                samples[k].append(t)
+    return order
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -200,22 +211,45 @@ def _probe(impl: B.Impl, case: Case, inp: B.Inputs) -> float | None:
     return _max_err(grads[0], grads[1])
 
 
-def run_case(case: Case) -> dict:
-    """Measure one case; never raises (errors become a row with ``status="error"``)."""
-    row = asdict(case)
-    row.pop("extra")
-    row.update(extra=json.dumps(case.extra) if case.extra else "", status="ok", reason="",
-               backend="", mem_mib=None, mem_method="", time_median_s=None, time_p20_s=None,
-               time_p80_s=None, time_min_s=None, time_max_s=None, cpu_median_s=None, repeats=0,
-               flops=case.flops(), tflops=None, err_vs_naive=None)
-    t_start = time.perf_counter()
-    try:
-        device = torch.device(case.device)
+class Measured:
+    """One case in a process: inputs, probe and memory call at construction (never raises:
+    errors become ``row["status"] = "error"``), then ``time_one()`` per timed call and
+    ``finish()`` for the row with the timing statistics."""
+
+    def __init__(self, case: Case):
+        self.case, self.samples, self.cpu = case, [], []
+        self.row = row = asdict(case)
+        row.pop("extra")
+        row.update(extra=json.dumps(case.extra) if case.extra else "", status="ok", reason="",
+                   backend="", mem_mib=None, mem_method="", time_median_s=None,
+                   time_p20_s=None, time_p80_s=None, time_min_s=None, time_max_s=None,
+                   cpu_median_s=None, repeats=0, flops=case.flops(), tflops=None,
+                   err_vs_naive=None)
+        self._t_start = time.perf_counter()
+        try:
+            self._prepare()
+        except Exception as exc:  # noqa: BLE001 - one failing case must not sink the run
+            self._fail(exc)
+
+    @property
+    def ok(self) -> bool:
+        return self.row["status"] == "ok"
+
+    def _fail(self, exc: Exception) -> None:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        self.row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]} "
+                        f"(at {where.filename.rsplit('/', 2)[-1]}:{where.lineno})")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _prepare(self) -> None:
+        case, row = self.case, self.row
+        self.device = device = torch.device(case.device)
         impl = B.get(case.impl)
         ok, why = impl.available(device)
         if not ok:
             row.update(status="unavailable", reason=why)
-            return row
+            return
         inp = B.make_inputs(case.n, case.d, case.v, dtype=getattr(torch, case.dtype),
                             device=device, seed=case.seed)
         inp.extra = dict(case.extra) if case.impl == "ours" else {}
@@ -237,6 +271,7 @@ def run_case(case: Case) -> dict:
             def before():
                 h.grad = None
                 w.grad = None
+        self._call, self._before = call, before
 
         if device.type == "cuda":  # JIT + autotune at this shape, outside the memory window
             if before:
@@ -246,23 +281,47 @@ def run_case(case: Case) -> dict:
             before()
         c0, t0 = time.process_time(), time.perf_counter()
         row["mem_mib"], row["mem_method"] = measure_memory(call, device)
-        first = ([time.perf_counter() - t0], [time.process_time() - c0])
-        samples, cpu = _time_calls(call, device, case, before,
-                                   *(first if case.time_memory_call else ((), ())))
-        med = statistics.median(samples)
-        row.update(time_median_s=med, time_p20_s=_quantile(samples, 0.2),
-                   time_p80_s=_quantile(samples, 0.8), time_min_s=min(samples),
-                   time_max_s=max(samples), cpu_median_s=statistics.median(cpu),
-                   repeats=len(samples), tflops=case.flops() / med / 1e12)
-    except Exception as exc:  # noqa: BLE001 - one failing case must not sink the run
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]} "
-                   f"(at {where.filename.rsplit('/', 2)[-1]}:{where.lineno})")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    finally:
-        row["wall_s"] = time.perf_counter() - t_start
-    return row
+        if case.time_memory_call:
+            self.samples.append(time.perf_counter() - t0)
+            self.cpu.append(time.process_time() - c0)
+
+    def time_one(self) -> float | None:
+        """Wall-clock seconds of one call (process CPU seconds, summed over threads, are kept
+        too: a shared machine's time slicing distorts them least); None once it failed."""
+        if not self.ok:
+            return None
+        try:
+            if self._before is not None:
+                self._before()
+            _sync(self.device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            self._call()
+            _sync(self.device)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return None
+        self.samples.append(time.perf_counter() - t0)
+        self.cpu.append(time.process_time() - c0)
+        return self.samples[-1]
+
+    def finish(self) -> dict:
+        row, samples = self.row, self.samples
+        if self.ok and samples:
+            med = statistics.median(samples)
+            row.update(time_median_s=med, time_p20_s=_quantile(samples, 0.2),
+                       time_p80_s=_quantile(samples, 0.8), time_min_s=min(samples),
+                       time_max_s=max(samples), cpu_median_s=statistics.median(self.cpu),
+                       repeats=len(samples), tflops=self.case.flops() / med / 1e12)
+        row["wall_s"] = time.perf_counter() - self._t_start
+        return row
+
+
+def run_case(case: Case) -> dict:
+    """Measure one case on its own in this process; never raises."""
+    m = Measured(case)
+    if m.ok:
+        interleave({case.impl: m.time_one}, {case.impl: case}, {case.impl: m.samples})
+    return m.finish()
 
 
 def _backend_of(impl: B.Impl, inp: B.Inputs, device: torch.device) -> str:
@@ -276,7 +335,31 @@ def _backend_of(impl: B.Impl, inp: B.Inputs, device: torch.device) -> str:
             "liger_chunked": "torch"}.get(impl.name, "torch")
 
 
+def worker() -> None:
+    """``python -m bench.measure --worker``: one JSON command a line on stdin, one reply a
+    line on stdout after ``REPLY_PREFIX``. The parent (bench/run.py) keeps one worker per
+    implementation alive while it times them in turn: ``{"op": "setup", "case": {...}}``
+    (inputs, probe, memory call) -> ``{"ok", "samples"}``; ``{"op": "time"}`` -> ``{"s"}``;
+    ``{"op": "finish"}`` -> ``{"row"}``."""
+    m = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["op"] == "setup":
+            m = Measured(Case(**msg["case"]))
+            reply = {"ok": m.ok, "samples": m.samples}
+        elif msg["op"] == "time":
+            reply = {"s": m.time_one()}
+        elif msg["op"] == "finish":
+            reply, m = {"row": m.finish()}, None
+            gc.collect()
+        else:
+            raise SystemExit(f"bench.measure: unknown op {msg['op']!r}")
+        print(REPLY_PREFIX + json.dumps(reply), flush=True)
+
+
 def main(argv: list[str]) -> None:
+    if argv == ["--worker"]:
+        return worker()
     cases = [Case(**c) for c in json.loads(argv[0])]
     for case in cases:
         row = run_case(case)

@@ -19,21 +19,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.goals import GOAL_N, _ok, _times, goals, spread
+
 COLUMNS = [
     "workload", "impl", "n", "d", "v", "dtype", "device", "status", "reason", "backend",
     "mem_mib", "mem_vs_naive", "mem_vs_floor", "time_median_s", "time_p20_s", "time_p80_s",
     "time_min_s", "time_max_s", "repeats", "time_vs_naive", "time_vs_floor", "cpu_median_s",
     "cpu_vs_naive", "flops", "tflops",
     "err_vs_naive", "mem_method", "min_repeats", "max_repeats", "budget_s", "probe_n", "seed",
-    "extra", "wall_s",
+    "extra", "wall_s", "load_before", "load_after",
 ]
 NUMERIC = {"n", "d", "v", "mem_mib", "mem_vs_naive", "mem_vs_floor", "time_median_s",
            "time_p20_s", "time_p80_s", "time_min_s", "time_max_s", "repeats", "time_vs_naive",
            "time_vs_floor", "cpu_median_s", "cpu_vs_naive", "flops", "tflops", "err_vs_naive",
-           "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s"}
+           "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s",
+           "load_before", "load_after"}
 PACKAGES = ["torch", "triton", "liger-kernel", "trl", "cut-cross-entropy", "transformers",
             "numpy", "matplotlib", "pytest-benchmark"]
-GOAL_N = {"cpu": 4096, "cuda": 16384}  # the sizes the memory goals are judged at
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,8 +70,10 @@ def machine_name(device: str) -> str:
 
 
 def loadavg() -> str:
+    """1, 5 and 15-minute load averages (runnable processes; above the core count the
+    machine is oversubscribed and wall-clock times stretch)."""
     try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return ""
 
@@ -180,27 +184,30 @@ def _f(x, fmt: str, none: str = "–") -> str:
     return none if x is None else format(x, fmt)
 
 
-def _times(x) -> str:
-    """A ratio as '12.3×' (two significant digits below 10)."""
-    if x is None:
-        return "–"
-    return f"{x:.2f}×" if x < 10 else f"{x:.0f}×"
+def _load_range(rows: list[dict], meta: dict) -> str:
+    """The range of the per-shape 1-minute load averages, against the core count."""
+    loads = [x for r in rows for x in (r.get("load_before"), r.get("load_after"))
+             if x is not None]
+    if not loads:
+        return ""
+    return (f", per shape {min(loads):.2f}–{max(loads):.2f} (above {meta['cores']} the "
+            "cores are oversubscribed and wall-clock times stretch)")
 
 
-def _ok(rows, **kw) -> list[dict]:
-    return [r for r in rows if r.get("status") == "ok" and all(r[k] == v for k, v in kw.items())]
-
-
-def _one(rows, **kw):
-    got = _ok(rows, **kw)
-    return got[0] if got else None
+def _load_note(rows: list[dict], workload: str, n: int, d: int) -> list[str]:
+    """The 1-minute load average before and after this shape's interleaved measurements."""
+    got = [r for r in _ok(rows, workload=workload, n=n, d=d) if r.get("load_before") is not None]
+    if not got:
+        return []
+    return ["", f"1-minute load average over these measurements: {got[0]['load_before']:.2f} "
+            f"before, {got[0]['load_after']:.2f} after."]
 
 
 def _headline_table(rows: list[dict], workload: str, n: int, d: int) -> list[str]:
     cpu = rows[0]["device"] != "cuda"
     flop_unit, scale = ("GFLOP/s", 1e3) if cpu else ("TFLOP/s", 1.0)
     cols = ["implementation", "backend", "incr. peak MiB", "naive ÷ impl (memory)",
-            "time s, median [p20–p80] (n)", "impl ÷ naive (time)"]
+            "time s, median [min–max] (n)", "impl ÷ naive (time)"]
     cols += ["impl ÷ naive (CPU time)"] if cpu else []
     cols += ["impl ÷ floor (time)", flop_unit]
     lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
@@ -214,82 +221,12 @@ def _headline_table(rows: list[dict], workload: str, n: int, d: int) -> list[str
             continue
         saving = 1 / r["mem_vs_naive"] if r.get("mem_vs_naive") else None
         cells = [r["impl"], r["backend"], _f(r["mem_mib"], ",.1f"), _times(saving),
-                 f"{r['time_median_s']:.3f} [{r['time_p20_s']:.3f}–{r['time_p80_s']:.3f}] "
-                 f"({r['repeats']})", _times(r.get("time_vs_naive"))]
+                 spread(r).replace(" s [", " [").replace("(n=", "("),
+                 _times(r.get("time_vs_naive"))]
         cells += [_times(r.get("cpu_vs_naive"))] if cpu else []
         cells += [_times(r.get("time_vs_floor")), _f(r["tflops"] * scale, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def goals(rows: list[dict], device: str) -> list[tuple[str, str, str]]:
-    """(goal, measured, verdict) for each benchmark goal that this run can judge."""
-    out = []
-    scoring = [r for r in rows if r["workload"] == "scoring"]
-    ns = sorted({r["n"] for r in _ok(scoring)})
-    goal_n = GOAL_N[device]
-    n = goal_n if goal_n in ns else (ns[-1] if ns else None)
-    d = min({r["d"] for r in _ok(scoring)}, default=None)
-    at = f"scoring, N = {n}, D = {d}" + ("" if n == goal_n else f" (goal size {goal_n} not run)")
-
-    def verdict(ok: bool) -> str:
-        return ("met" if ok else "MISSED") if n == goal_n else "n/a: goal size not run"
-    ours = _one(scoring, impl="ours", n=n, d=d) if n else None
-    naive = _one(scoring, impl="naive", n=n, d=d) if n else None
-    if ours and naive:
-        saving = naive["mem_mib"] / max(ours["mem_mib"], 1e-9)
-        out.append(("Memory: ours ≥ 50× less than naive",
-                    f"{at}: {naive['mem_mib']:,.0f} MiB ÷ {ours['mem_mib']:,.1f} MiB = "
-                    f"{saving:,.1f}×",
-                    verdict(saving >= 50)))
-        others = [r for r in _ok(scoring, n=n, d=d) if r["impl"] != "ours"]
-        worse = [r for r in others if r["mem_mib"] <= ours["mem_mib"]]
-        out.append(("Memory: ours less than every other implementation",
-                    "; ".join(f"{r['impl']} {r['mem_mib']:,.1f} MiB "
-                              f"({r['mem_mib'] / max(ours['mem_mib'], 1e-9):,.1f}×)"
-                              for r in others),
-                    verdict(not worse) + (" (" + ", ".join(r["impl"] for r in worse) + ")"
-                                          if worse else "")))
-    else:
-        out.append(("Memory goals", f"ours or naive not measured at {at}", "not measured"))
-    if device == "cpu":
-        trl = _one(scoring, impl="trl", n=n, d=d) if n else None
-        if ours and naive:
-            r_naive = ours["time_median_s"] / naive["time_median_s"]
-            across = ", ".join(
-                f"N={m}: {_times(r['time_vs_naive'])}" for m in ns
-                if (r := _one(scoring, impl="ours", n=m, d=d)) and r.get("time_vs_naive"))
-            out.append(("CPU time: ours ≤ 0.9× naive (torch backend)",
-                        f"{at}: {r_naive:.2f}× wall, {_times(ours.get('cpu_vs_naive'))} CPU "
-                        f"time (wall, all N: {across})", verdict(r_naive <= 0.9)))
-        if ours and trl:
-            r_trl = ours["time_median_s"] / trl["time_median_s"]
-            c_trl = (ours["cpu_median_s"] / trl["cpu_median_s"]
-                     if ours.get("cpu_median_s") and trl.get("cpu_median_s") else None)
-            out.append(("CPU time: ours ≤ TRL chunked ×3",
-                        f"{at}: {r_trl:.2f}× wall, {_times(c_trl)} CPU time",
-                        verdict(r_trl <= 1.0)))
-        out.append(("GPU goals (≥ 70% of bare-matmul throughput; update faster than Liger, TRL)",
-                    "no GPU on this machine: run bench/gpu.sh", "not measured"))
-    else:
-        floor = _one(scoring, impl="floor", n=n, d=d) if n else None
-        if ours and floor:
-            frac = floor["time_median_s"] / ours["time_median_s"]
-            out.append(("GPU: scoring ≥ 70% of bare-matmul throughput", f"{at}: {frac:.0%}",
-                        verdict(frac >= 0.7)))
-        upd = [r for r in rows if r["workload"] == "update"]
-        un = max((r["n"] for r in _ok(upd, impl="ours")), default=None)
-        uo = _one(upd, impl="ours", n=un, d=d) if un else None
-        for rival in ("liger_flce", "trl"):
-            ur = _one(upd, impl=rival, n=un, d=d) if un else None
-            if uo and ur:
-                t = uo["time_median_s"] / ur["time_median_s"]
-                m = uo["mem_mib"] / max(ur["mem_mib"], 1e-9)
-                out.append((f"GPU: update faster than {rival}",
-                            f"update, N = {un}, D = {d}: time {t:.2f}×, memory {m:.2f}× "
-                            f"of {rival}",
-                            "met" if t < 1 and m <= 1.05 else "MISSED"))
-    return out
 
 
 def markdown(rows: list[dict], meta: dict, img_prefix: str = "") -> str:
@@ -301,21 +238,25 @@ def markdown(rows: list[dict], meta: dict, img_prefix: str = "") -> str:
              f"{meta['cpu']} ({meta['cores']} cores, {meta['ram_gib']} GiB, "
              f"{meta['torch_threads']} torch threads)"
              + (f", GPU {meta['gpu']['name']}" if meta.get("gpu") else "")
-             + f"; load average before/after {meta['loadavg_before']} / "
-             f"{meta.get('loadavg_after', '?')}.", "",
+             + f"; load average (1, 5, 15 min) before/after {meta['loadavg_before']} / "
+             f"{meta.get('loadavg_after', '?')}" + _load_range(rows, meta) + ".", "",
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
              + f", cepo_kernels @ {meta['cepo_kernels_git']}.", "",
              f"V = {rows[0]['v']:,}, dtype {meta['config']['dtype']}. "
              + ("Memory: incremental peak RSS (VmHWM) over a baseline taken after the inputs "
-                "exist, " + ("one fresh process per case. " if meta["config"].get("isolate")
-                             in (None, "case") else "one process per implementation. ")
+                "exist, " + ("one fresh process per implementation and shape. "
+                             if meta["config"].get("isolate") in (None, "case")
+                             else "one process per implementation. ")
                 if device == "cpu" else
                 "Memory: incremental peak of the CUDA caching allocator (inputs excluded). ")
-             + ("Time: median and p20–p80 of the timed repeats after a warm-up on the first "
+             + ("Time: median and min–max of the timed repeats (n) after a warm-up on the first "
                 "64 tokens; in CPU quick mode the memory call is the first timed repeat (one "
                 "call at N = 4096 takes 10-30 s here); " if device == "cpu"
                 and meta["config"].get("mode") == "quick" else
-                "Time: median and p20–p80 of the timed repeats after a warm-up call; ")
+                "Time: median and min–max of the timed repeats (n) after a warm-up call; ")
+             + "the implementations of a shape are timed round-robin (one call of each in "
+             "turn, each in its own process), so a change in the machine's load hits all "
+             "alike; "
              + "ratios are computed within this run. FLOP/s count 2·S·N·D·V forward "
              "(S = 3 for scoring) and 2·N·D·V per gradient.", ""]
     if device == "cpu" and any(r["d"] < 2048 for r in rows):
@@ -337,13 +278,14 @@ def markdown(rows: list[dict], meta: dict, img_prefix: str = "") -> str:
                      "update": "Policy update: forward + backward, d/d hidden",
                      "update_w": "Policy update: forward + backward, d/d hidden and d/d weight"}
             lines += ["", f"### {title[workload]} — N = {n:,}, D = {d}", ""]
-            lines += _headline_table(rows, workload, n, d)
+            lines += _headline_table(rows, workload, n, d) + _load_note(rows, workload, n, d)
             others = [m for m in ns if m != n]
             if others:
                 lines += ["", f"<details><summary>N = {', '.join(map(str, others))}</summary>",
                           ""]
                 for m in others:
-                    lines += [f"N = {m:,}:", ""] + _headline_table(rows, workload, m, d) + [""]
+                    lines += ([f"N = {m:,}:", ""] + _headline_table(rows, workload, m, d)
+                              + _load_note(rows, workload, m, d) + [""])
                 lines += ["</details>"]
     ours = [r for r in _ok(rows, impl="ours") if r["device"] == "cuda"]
     if ours:
@@ -400,7 +342,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     markers = ["o", "s", "^", "v", "D", "P", "X", "*"]
     paths = []
     for metric, ylabel, fname in (("mem_mib", "incremental peak memory (MiB)", "memory_vs_n.png"),
-                                  ("time_median_s", "time per call (s, median, p20–p80)",
+                                  ("time_median_s", "time per call (s, median, min–max)",
                                    "time_vs_n.png")):
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.2 * len(workloads), 4.2),
                                  squeeze=False)
@@ -418,8 +360,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                               marker=markers[i % len(markers)], markersize=7 - (i % 3),
                               linewidth=2.6 if impl == "ours" else 1.3, alpha=0.85)
                     if metric == "time_median_s":
-                        err = [[y - p[1]["time_p20_s"] for y, p in zip(ys, pts)],
-                               [p[1]["time_p80_s"] - y for y, p in zip(ys, pts)]]
+                        err = [[max(y - p[1]["time_min_s"], 0) for y, p in zip(ys, pts)],
+                               [max(p[1]["time_max_s"] - y, 0) for y, p in zip(ys, pts)]]
                         ax.errorbar(xs, ys, yerr=err, capsize=2, **kw)
                     else:
                         ax.plot(xs, ys, **kw)

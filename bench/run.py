@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,18 +32,20 @@ import torch  # noqa: E402
 
 from bench import baselines as B  # noqa: E402
 from bench import report  # noqa: E402
-from bench.measure import ROW_PREFIX, Case  # noqa: E402
+from bench.measure import REPLY_PREFIX, Case, interleave  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 V_QWEN = 151_936
 
 # Per device and mode: hidden sizes, token counts per workload, repeats (min, max), time budget
 # per case (s). CPU quick uses D = 256: the logits' size does not depend on D, and D = 2048
-# would make one naive scoring call at N = 4096 take ~1 min on 2 cores.
+# would make one naive scoring call at N = 4096 take ~1 min on 2 cores. Every preset times each
+# case at least 3 times (the goals are judged on medians); CPU quick drops scoring N = 1024 to
+# stay under 10 min on 2 idle cores with 3 repeats of every call.
 PRESETS = {
-    ("cpu", "quick"): dict(d=[256], n={"scoring": [512, 1024, 4096], "update": [512, 1024],
+    ("cpu", "quick"): dict(d=[256], n={"scoring": [512, 4096], "update": [512, 1024],
                                        "update_w": [512]},
-                           repeats=(1, 5), budget=2.0, time_memory_call=True),
+                           repeats=(3, 5), budget=2.0, time_memory_call=True),
     ("cpu", "full"): dict(d=[2048], n={w: [512, 1024, 2048, 4096] for w in B.WORKLOADS},
                           repeats=(3, 10), budget=20.0),
     ("cuda", "quick"): dict(d=[2048], n={w: [4096, 16384] for w in B.WORKLOADS},
@@ -83,9 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="skip the remaining cases once this much time has passed")
     p.add_argument("--isolate", choices=("case", "impl"), default=None,
-                   help="one child process per case (CPU default: peak RSS is the case's own) "
-                        "or per implementation (CUDA default: allocator stats are exact)")
-    p.add_argument("--case-timeout", type=float, default=1800, help="seconds per child process")
+                   help="one worker process per implementation and shape (CPU default: peak RSS "
+                        "is the case's own) or per implementation for the whole run (CUDA "
+                        "default: allocator stats are exact); either way the implementations "
+                        "of a shape are timed round-robin")
+    p.add_argument("--case-timeout", type=float, default=1800,
+                   help="seconds a worker may take per command (setup or one call)")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--machine", default=None, help="name of the results subfolder")
     p.add_argument("--no-plots", action="store_true")
@@ -111,8 +119,8 @@ def is_custom(args) -> bool:
 
 
 def build_cases(args) -> list[Case]:
-    """Cases in run order: workload, then N, then implementation (interleaved, so drift in a
-    noisy machine's speed hits every implementation alike)."""
+    """Cases in run order: workload, then N, then implementation (the implementations of a
+    shape are timed round-robin, so drift in a noisy machine's speed hits all alike)."""
     preset = PRESETS[(args.device, args.mode)]
     rmin, rmax = args.repeats or preset["repeats"]
     budget = args.budget if args.budget is not None else preset["budget"]
@@ -140,29 +148,125 @@ def availability(device: str, names) -> dict[str, tuple[bool, str]]:
     return {name: B.get(name).available(torch.device(device)) for name in names}
 
 
-def _run_children(groups: list[list[Case]], args, t0: float, on_row) -> None:
+class Worker:
+    """A ``python -m bench.measure --worker`` child: one command a line, one reply a line."""
+
+    def __init__(self, env: dict, timeout: float):
+        self.timeout = timeout
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.measure", "--worker"],
+                                     cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY_PREFIX):
+                self.lines.put(json.loads(line[len(REPLY_PREFIX):]))
+        self.lines.put(None)  # the child exited
+
+    def ask(self, op: str, **kw) -> dict:
+        """Send one command; raise RuntimeError with the child's last words if it dies or
+        does not answer within the timeout."""
+        try:
+            self.proc.stdin.write(json.dumps(dict(op=op, **kw)) + "\n")
+            self.proc.stdin.flush()
+            reply = self.lines.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"timeout after {self.timeout:.0f} s") from None
+        except OSError:
+            reply = None
+        if reply is None:
+            self.close()
+            self.stderr.seek(0)
+            raise RuntimeError(f"child exited with {self.proc.returncode}: "
+                               f"{self.stderr.read().strip()[-300:]}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def _load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _run_shape(cases: list[Case], workers: dict, new_worker) -> list[dict]:
+    """All implementations of one shape: set up each (memory call) in its worker, then time
+    them round-robin; the 1-minute load average before and after goes into every row."""
+    load_before, rows, timers, samples = _load1(), {}, {}, {}
+
+    def failed(c: Case, exc: Exception) -> dict:
+        return dict(asdict(c), extra="", status="error", reason=str(exc))
+
+    for c in cases:
+        try:
+            w = workers[c.impl] = workers.get(c.impl) or new_worker()
+            got = w.ask("setup", case=asdict(c))
+        except RuntimeError as exc:
+            workers.pop(c.impl, None)
+            rows[c.impl] = failed(c, exc)
+            continue
+        if got["ok"]:
+            samples[c.impl] = got["samples"]
+
+            def timer(w=w, impl=c.impl):
+                try:
+                    return w.ask("time")["s"]
+                except RuntimeError as exc:
+                    workers.pop(impl, None)
+                    rows[impl] = failed(next(x for x in cases if x.impl == impl), exc)
+                    return None
+            timers[c.impl] = timer
+    interleave(timers, {c.impl: c for c in cases}, samples)
+    for c in cases:
+        if c.impl not in rows:
+            try:
+                rows[c.impl] = workers[c.impl].ask("finish")["row"]
+            except (RuntimeError, KeyError) as exc:
+                workers.pop(c.impl, None)
+                rows[c.impl] = failed(c, exc)
+    load_after = _load1()
+    out = [rows[c.impl] for c in cases]
+    for r in out:
+        r.update(load_before=load_before, load_after=load_after)
+    return out
+
+
+def _run_workers(cases: list[Case], args, t0: float, on_row) -> None:
+    """Shape by shape (workload, D, N), in run order; one worker per implementation, fresh per
+    shape (``--isolate case``) or kept for the whole run (``--isolate impl``)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    for cases in groups:
-        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
-            for c in cases:
-                on_row(dict(asdict(c), extra="", status="skipped",
-                            reason=f"--max-minutes {args.max_minutes} reached"))
-            continue
-        cmd = [sys.executable, "-m", "bench.measure", json.dumps([asdict(c) for c in cases])]
-        got = 0
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=args.case_timeout * len(cases))
-            for line in proc.stdout.splitlines():
-                if line.startswith(ROW_PREFIX):
-                    on_row(json.loads(line[len(ROW_PREFIX):]))
-                    got += 1
-            failure = f"child exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"
-        except subprocess.TimeoutExpired:
-            failure = f"timeout after {args.case_timeout * len(cases):.0f} s"
-        for c in cases[got:]:  # killed (OOM killer, segfault, timeout) before reporting
-            on_row(dict(asdict(c), extra="", status="error", reason=failure))
+    per_impl = (args.isolate or ("impl" if args.device == "cuda" else "case")) == "impl"
+    shapes = list(dict.fromkeys((c.workload, c.d, c.n) for c in cases))
+    workers: dict[str, Worker] = {}
+    try:
+        for shape in shapes:
+            group = [c for c in cases if (c.workload, c.d, c.n) == shape]
+            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+                for c in group:
+                    on_row(dict(asdict(c), extra="", status="skipped",
+                                reason=f"--max-minutes {args.max_minutes} reached"))
+                continue
+            for row in _run_shape(group, workers, lambda: Worker(env, args.case_timeout)):
+                on_row(row)
+            if not per_impl:
+                for w in workers.values():
+                    w.close()
+                workers.clear()
+    finally:
+        for w in workers.values():
+            w.close()
 
 
 def main(argv=None) -> int:
@@ -211,11 +315,7 @@ def main(argv=None) -> int:
               f"N={row['n']:6d} D={row['d']:5d}  {detail}", flush=True)
         report.write_csv(rows, args.out)  # partial results survive a crash
 
-    if (args.isolate or ("impl" if args.device == "cuda" else "case")) == "impl":
-        groups = [[c for c in runnable if c.impl == name] for name in names]
-    else:
-        groups = [[c] for c in runnable]
-    _run_children([g for g in groups if g], args, t0, on_row)
+    _run_workers(runnable, args, t0, on_row)
     meta["elapsed_s"] = time.time() - t0
     meta["loadavg_after"] = report.loadavg()
     report.write_all(rows, meta, args.out, plots=not args.no_plots)

@@ -134,6 +134,7 @@ def test_harness_writes_csv_markdown_meta(tmp_path):
         assert naive["status"] == "ok", naive["reason"]
         assert naive["mem_mib"] >= 0 and naive["time_median_s"] > 0 and naive["repeats"] >= 1
         assert naive["time_vs_naive"] == pytest.approx(1.0)
+        assert naive["load_before"] >= 0 and naive["load_after"] >= 0
         if by[(workload, "ours")]["status"] != "unavailable":
             assert by[(workload, "ours")]["status"] == "ok", by[(workload, "ours")]["reason"]
             assert by[(workload, "ours")]["err_vs_naive"] <= ATOL
@@ -155,3 +156,26 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and "### Benchmark: x" in text
     assert text.startswith("# Title\nintro\n") and text.endswith(f"{README_END}\n## After\n")
+
+
+def test_readme_bench_section_is_the_committed_results(tmp_path):
+    """The README's benchmark block is what ``python -m bench.report`` makes of the committed
+    CPU results (regenerate both together)."""
+    from pathlib import Path
+
+    from bench.report import README_BEGIN, README_END, write_readme_section
+
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "bench/results/cpu-amd-epyc-2c"
+    rows = report.read_csv(results / "results.csv")
+    meta = json.loads((results / "meta.json").read_text())
+    readme = (repo / "README.md").read_text()
+    fresh = tmp_path / "README.md"
+    fresh.write_text(readme)
+    write_readme_section(fresh, report.markdown(rows, meta, img_prefix=str(
+        results.relative_to(repo)) + "/"))
+    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert block == fresh.read_text().split(README_BEGIN, 1)[1].split(README_END, 1)[0], (
+        "README benchmark section is stale: run python -m bench.report "
+        "bench/results/cpu-amd-epyc-2c --prefix bench/results/cpu-amd-epyc-2c/ --readme README.md")
+    assert all(r["repeats"] >= 3 for r in rows if r["status"] == "ok"), "fewer than 3 repeats"
