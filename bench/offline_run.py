@@ -218,18 +218,17 @@ def render(results: Path) -> str:
 
 
 def write_readme(readme: Path, text: str) -> None:
-    doc = readme.read_text()
-    if README_BEGIN not in doc or README_END not in doc:
-        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} markers")
-    head, rest = doc.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+    """Replace the text between this block's markers of ``readme``."""
+    from bench.report import write_readme_section
+
+    write_readme_section(readme, text, README_BEGIN, README_END, demote=False)
 
 
 def readme_block(readme: Path) -> str:
     """The text between the markers, as `write_readme` wrote it."""
-    doc = readme.read_text()
-    return doc.split(README_BEGIN, 1)[1].split(README_END, 1)[0].removeprefix("\n")
+    from bench.report import read_readme_section
+
+    return read_readme_section(readme, README_BEGIN, README_END)
 
 
 def main(argv=None) -> int:

@@ -432,5 +432,10 @@ def write_readme_section(readme: Path, text: str, begin: str = README_BEGIN,
     readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
+def read_readme_section(readme: Path, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """The text between the markers, as `write_readme_section` wrote it (``demote=False``)."""
+    return readme.read_text().split(begin, 1)[1].split(end, 1)[0].removeprefix("\n")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -255,8 +255,8 @@ def render(results: Path) -> str:
         f"{m['date_utc']}): a CEPO step takes {vs_grpo(cepo)}, an RLSD step {vs_grpo(rlsd)}. "
         f"Rollout takes {seconds('rollout')} s per step, update {seconds('update')} s and "
         f"score {seconds('score')} s (GRPO / RLSD / CEPO): in the score phase GRPO computes only "
-        f"the student's old log-probs ({grpo['phases']['score']['share']:.0%} of its step) and CEPO "
-        "the student and both teachers in one fused call "
+        f"the student's old log-probs ({grpo['phases']['score']['share']:.0%} of its step) "
+        "and CEPO the student and both teachers in one fused call "
         f"({cepo['phases']['score']['share']:.0%} of its step, about "
         f"{100 * cepo['teacher_share_est']:.0f} points of it the teachers). The paper's reference "
         "code pays about +10% with 2,048-token responses, where generation dominates; responses "
@@ -274,18 +274,17 @@ def render(results: Path) -> str:
 
 
 def write_readme(readme: Path, text: str) -> None:
-    """Replace the text between the train-phases markers of ``readme``."""
-    doc = readme.read_text()
-    if README_BEGIN not in doc or README_END not in doc:
-        raise SystemExit(f"{readme} has no {README_BEGIN!r} ... {README_END!r} markers")
-    head, rest = doc.split(README_BEGIN, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{rest.split(README_END, 1)[1]}")
+    """Replace the text between this block's markers of ``readme``."""
+    from bench.report import write_readme_section
+
+    write_readme_section(readme, text, README_BEGIN, README_END, demote=False)
 
 
 def readme_block(readme: Path) -> str:
-    """The text between the markers, as ``write_readme`` wrote it."""
-    doc = readme.read_text()
-    return doc.split(README_BEGIN, 1)[1].split(README_END, 1)[0].removeprefix("\n")
+    """The text between the markers, as `write_readme` wrote it."""
+    from bench.report import read_readme_section
+
+    return read_readme_section(readme, README_BEGIN, README_END)
 
 
 def main(argv=None) -> int:
