@@ -52,3 +52,17 @@ def test_contrastive_three_streams_never_materialise_logits():
         contrastive_evidence(*hs, w, y, torch.randn(N), lam=0.5, eps_w=0.2, backend="torch",
                              chunk_tokens=CT, chunk_vocab=CV)
     assert rec.largest <= 3 * CT * CV, f"{rec.op} made {rec.largest} elements"
+
+
+def test_validating_an_lm_head_needs_no_full_size_scratch():
+    """validate=True checks W for NaN/inf in slices: torch.isfinite makes temporaries as large as
+    its input, so a whole-W check would cost W's size again (Qwen's lm_head: 1.2 GB in fp32)."""
+    from cepo_kernels.validation import check_finite
+
+    w = torch.randn(32_768, 256)  # 8M elements
+    with LargestTensor() as rec:
+        check_finite("weight", w)
+    assert rec.largest <= 1 << 20, f"{rec.op} made {rec.largest} elements"
+    w[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        check_finite("weight", w)
