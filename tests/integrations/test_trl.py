@@ -28,6 +28,7 @@ from cepo_kernels import fused_linear_logprobs  # noqa: E402
 from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer  # noqa: E402
 from cepo_kernels.integrations.trl_config import cepo_lambda, generation_index  # noqa: E402
 from cepo_kernels.integrations.trl_teachers import backbone_hidden, row_prefixes  # noqa: E402
+from tests.helpers import load_example  # noqa: E402
 
 G = 4  # group size
 SCRIPT = ("The answer is \\boxed{{{answer}}}.", "I think it is \\boxed{{999}}.",
@@ -54,15 +55,8 @@ def _text_dataset(n=4):
 
 
 def _vl_dataset(n=2):
-    from cepo.data import FORMAT_SUFFIX, synthetic_dataset
-
-    rows = []
-    for e in synthetic_dataset("train", size=n, seed=0):
-        text = e.problem.replace("<image>", "").strip() + FORMAT_SUFFIX
-        rows.append({"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                             {"type": "text", "text": text}]}],
-                     "images": list(e.images), "answer": e.answer})
-    return Dataset.from_list(rows)
+    """The VL drop-in example's dataset (one builder for the example and the tests)."""
+    return load_example("trl_cpu").vl_dataset(n)
 
 
 def length_reward(completions, **kwargs):
