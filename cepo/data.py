@@ -23,7 +23,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -192,11 +192,21 @@ def encode_prompts(
 def load_split(
     source: str, split: str = "train", *, limit: int | None = None, seed: int = 0, processor=None
 ) -> list[Example]:
-    """``"synthetic"`` -> `synthetic_dataset`; anything else -> `load_geo3k` (which encodes each
-    row with `processor`, when given, and skips those it refuses)."""
+    """``"synthetic"`` -> `synthetic_dataset`; ``"synthetic-text"`` -> the same problems without
+    images (for text-only models); anything else -> `load_geo3k` (which encodes each row with
+    `processor`, when given, and skips those it refuses)."""
     if source == "synthetic":
         return synthetic_dataset(split, size=limit, seed=seed)
+    if source == "synthetic-text":
+        return without_images(synthetic_dataset(split, size=limit, seed=seed))
     return load_geo3k(source, split, limit=limit, processor=processor)
+
+
+def without_images(examples: Sequence[Example]) -> list[Example]:
+    """The examples with their images and ``<image>`` markers removed: the text-only variant of
+    a set whose problems state everything in words (the default chain sums do)."""
+    return [replace(e, problem=e.problem.replace(IMAGE_PLACEHOLDER, ""), images=())
+            for e in examples]
 
 
 def load_geo3k(

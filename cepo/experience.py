@@ -167,6 +167,10 @@ def make_experience(
 
     metrics = step_metrics(rollouts, rewards, advantages, scores, wrong_answers, lam)
     metrics["rollout/dropped_prompts"] = float(dropped)
+    if rollouts.sampler_logprobs is not None:  # vLLM: does it sample from the scored policy?
+        mask = rollouts.response_mask.bool()
+        gap = (rollouts.sampler_logprobs - scores.old_logprobs).abs()[mask]
+        metrics["rollout/sampler_logprob_gap"] = gap.mean().item() if gap.numel() else 0.0
     metrics["reward/grader_timeouts"] = float(grader.timeouts - timeouts_before)
     metrics["reward/grader_skipped"] = float(grader.skipped - skipped_before)  # budget spent
     metrics.update(timings)

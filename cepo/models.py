@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
     Qwen3VLConfig,
@@ -30,11 +31,13 @@ from transformers import (
 from cepo.batch import ModelInputs
 from cepo.errors import NotAvailable
 from cepo.data import set_image_pixels
+from cepo.textmodel import TextProcessor, is_text_model
 
 logger = logging.getLogger(__name__)
 
 TINY_ALIASES = {"tiny": "mini", "tiny-mini": "mini", "tiny-qwen": "qwen"}
 WARM_ALIAS = "tiny-warm"
+TEXT_ALIAS = "tiny-text"  # the warmed-up tiny text-only Qwen3 (cepo.tiny_text)
 
 
 class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
@@ -75,10 +78,10 @@ def torchvision_available() -> bool:
 def resolve_checkpoint(name_or_path: str) -> str:
     """Map ``"tiny"``, ``"tiny-mini"``, ``"tiny-qwen"`` to a built tiny directory and
     ``"tiny-warm"`` to the warmed-up one (`cepo.warmup`, the offline default); pass others."""
-    if name_or_path == WARM_ALIAS:
+    if name_or_path in (WARM_ALIAS, TEXT_ALIAS):
         from cepo.warmup import build_warm_tiny
 
-        return str(build_warm_tiny())
+        return str(build_warm_tiny(kind="text" if name_or_path == TEXT_ALIAS else "vl"))
     if name_or_path in TINY_ALIASES:
         from cepo.tiny import build_tiny_model
 
@@ -98,10 +101,15 @@ def load_processor(
     global _FALLBACK_ANNOUNCED
     path = resolve_checkpoint(name_or_path)
     try:
-        model_type = AutoConfig.from_pretrained(path, **kwargs).model_type
+        config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:
         raise not_available(name_or_path, err) from err
-    if torchvision_available() or model_type != "qwen3_vl":
+    if is_text_model(config):  # a causal LM: its tokenizer, shaped as a processor
+        processor = TextProcessor.from_pretrained(path, **kwargs)
+        processor.tokenizer.padding_side = "left"
+        set_image_pixels(processor, min_pixels, max_pixels)  # no images: recorded only
+        return processor
+    if torchvision_available() or config.model_type != "qwen3_vl":
         processor = AutoProcessor.from_pretrained(path, **kwargs)
     else:
         if not _FALLBACK_ANNOUNCED:  # not a problem for training (no videos): debug only
@@ -156,7 +164,8 @@ def load_model(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
-    """Load a Qwen3-VL (or any image-text-to-text) checkpoint with `AutoModelForImageTextToText`.
+    """Load a Qwen3-VL (or any image-text-to-text) checkpoint with `AutoModelForImageTextToText`,
+    a text-only one (`cepo.textmodel.is_text_model`) with `AutoModelForCausalLM`.
 
     `name_or_path` is a hub id, a local directory, or ``"tiny"``/``"tiny-qwen"``. The model is
     returned in eval mode on `device` (default: cuda if available) in `dtype` (default: see
@@ -171,7 +180,9 @@ def load_model(
     if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         logger.info("HF_HUB_OFFLINE=1: %s must already be in the local hub cache", path)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device)
+        text = is_text_model(AutoConfig.from_pretrained(path))
+        auto = AutoModelForCausalLM if text else AutoModelForImageTextToText
+        model = auto.from_pretrained(path, **kwargs).to(device)
     except OSError as err:
         raise not_available(name_or_path, err) from err
     if gradient_checkpointing:
@@ -223,7 +234,11 @@ def position_ids(model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
     Both count from 0 at each row's first real token, so the same content gets the same positions
     however much left padding a batch adds, which is what makes teacher and student forwards
     bit-comparable. Text-only rows (`mm_token_type_ids` all 0) get plain 0..n-1 in all rows.
+    A text-only model gets the text positions alone, [B, L] (as its `generate` counts them).
     """
+    text = (inputs.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
+    if is_text_model(model):
+        return text
     inner = unwrap_model(model).model
     vision, _ = inner.get_rope_index(
         inputs.input_ids,
@@ -231,7 +246,6 @@ def position_ids(model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
         image_grid_thw=inputs.image_grid_thw,
         attention_mask=inputs.attention_mask,
     )  # [3, B, L]
-    text = (inputs.attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, L]
     return torch.cat([text[None], vision], dim=0)
 
 
@@ -241,19 +255,28 @@ def forward_hidden(model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
     Runs the inner `Qwen3VLModel` so no [B, L, V] logits are ever built. Gradients flow if the
     caller has them enabled (the training loss uses this too).
     """
-    base = unwrap_model(model)
-    dtype = next(base.parameters()).dtype
-    pixel_values = inputs.pixel_values.to(dtype) if inputs.pixel_values is not None else None
-    out = base.model(
+    out = unwrap_model(model).model(
         input_ids=inputs.input_ids,
         attention_mask=inputs.attention_mask,
         position_ids=position_ids(model, inputs),
-        pixel_values=pixel_values,
-        image_grid_thw=inputs.image_grid_thw,
-        mm_token_type_ids=inputs.mm_token_type_ids,
         use_cache=False,
+        **vision_inputs(model, inputs),
     )
     return out.last_hidden_state
+
+
+def vision_inputs(model: torch.nn.Module, inputs: ModelInputs) -> dict:
+    """The image arguments of a forward or `generate` call: pixels (in the model's dtype), grids
+    and token types for a vision-language model, nothing for a text-only one."""
+    if is_text_model(model):
+        return {}
+    dtype = next(unwrap_model(model).parameters()).dtype
+    pixels = inputs.pixel_values
+    return {
+        "pixel_values": pixels.to(dtype) if pixels is not None else None,
+        "image_grid_thw": inputs.image_grid_thw,
+        "mm_token_type_ids": inputs.mm_token_type_ids,
+    }
 
 
 def response_hidden(model: torch.nn.Module, inputs: ModelInputs, response_len: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from cepo.batch import ModelInputs, collate
 from cepo.data import EncodedPrompt
-from cepo.models import unwrap_model
+from cepo.models import unwrap_model, vision_inputs
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class RolloutConfig:
     max_new_tokens: int = 2048
     max_prompt_tokens: int = 768  # longer prompts are dropped (never truncated: images)
     generation_batch_size: int | None = None  # sequences per `generate` call; None = all at once
+    engine: str = "auto"  # "hf", "vllm", or auto: vLLM when installed and on CUDA, else HF
+    gpu_memory_utilization: float | None = None  # vLLM's share (None: 0.3 on CUDA, 0.1 on CPU)
+    sleep: bool = True  # vLLM on CUDA frees its memory while the trainer scores and updates
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -38,6 +41,11 @@ class RolloutConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.engine not in ("auto", "hf", "vllm"):
+            raise ValueError(f"engine must be 'auto', 'hf' or 'vllm', got {self.engine!r}")
+        share = self.gpu_memory_utilization
+        if share is not None and not 0 < share < 1:
+            raise ValueError(f"gpu_memory_utilization must lie in (0, 1), got {share}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class Rollouts:
     texts: list[str]  # N decoded responses, special tokens removed
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without an EOS
     pad_token_id: int
+    # [N, T] fp32: the sampler's own log-probs of its tokens (vLLM; a diagnostic, never trained on)
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def num_rollouts(self) -> int:
@@ -195,15 +205,8 @@ class HFRolloutEngine:
 
     def _generate(self, rows: Sequence[EncodedPrompt], config: RolloutConfig):
         inputs = collate([p.prefix() for p in rows], self.pad_token_id)
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        inputs = inputs.to(device)
-        kwargs = {}
-        if inputs.pixel_values is not None:
-            kwargs = {
-                "pixel_values": inputs.pixel_values.to(dtype),
-                "image_grid_thw": inputs.image_grid_thw,
-            }
+        inputs = inputs.to(next(self.model.parameters()).device)
+        kwargs = vision_inputs(self.model, inputs)  # nothing for a text-only model
         sampling = config.temperature > 0
         penalty = getattr(config, "presence_penalty", 0.0)
         if penalty:
@@ -211,7 +214,6 @@ class HFRolloutEngine:
         out = self.model.generate(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,
-            mm_token_type_ids=inputs.mm_token_type_ids,
             do_sample=sampling,
             # Explicit values so that a checkpoint's own defaults (Qwen3-VL ships top_k 20,
             # top_p 0.8, temperature 0.7) never leak into the RL sampling distribution.

@@ -128,11 +128,10 @@ def build_tiny_model(
                       overwrite=overwrite)
 
 
-def _write_checkpoint(directory: Path, *, vocab: Vocab, seed: int) -> None:
-    from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from cepo.models import Qwen3VLImageOnlyProcessor
+def tiny_tokenizer(vocab: Vocab):
+    """(tokenizer, special token -> id, model vocab size) of a tiny vocabulary; shared by the
+    tiny text-only model (`cepo.tiny_text`)."""
+    from transformers import Qwen2Tokenizer
 
     base_vocab, merges = _qwen_bpe() if vocab == "qwen" else _mini_bpe()
     n_base = len(base_vocab)
@@ -152,6 +151,16 @@ def _write_checkpoint(directory: Path, *, vocab: Vocab, seed: int) -> None:
     tokenizer.padding_side = "left"
     special = {tok: n_base + i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab_size = 151936 if vocab == "qwen" else _round_up(n_base + len(SPECIAL_TOKENS), 64)
+    return tokenizer, special, vocab_size
+
+
+def _write_checkpoint(directory: Path, *, vocab: Vocab, seed: int) -> None:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from cepo.models import Qwen3VLImageOnlyProcessor
+
+    tokenizer, special, vocab_size = tiny_tokenizer(vocab)
 
     # 64x64 image -> 4x4 patches of 16 -> 2x2 merged -> 4 <|image_pad|> tokens.
     image_processor = Qwen2VLImageProcessorPil(

@@ -58,7 +58,8 @@ from cepo.metrics import (
 )
 from cepo.models import load_model, load_processor, resolve_checkpoint
 from cepo.plot import draw_curves
-from cepo.rollout import HFRolloutEngine
+from cepo.rollout import RolloutEngine
+from cepo.rollout_vllm import make_rollout_engine
 from cepo.rundir import UnsafePathError, fault_point, inside
 from cepo.samples import SampleWriter
 from cepo.schedule import lam_at, lr_at
@@ -81,7 +82,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     processor: object
     model_path: str  # the resolved base checkpoint
-    engine: HFRolloutEngine
+    engine: RolloutEngine  # HF generate or a colocated vLLM (--rollout.engine)
     experience: ExperienceConfig
     train_set: list[Example]
     val_set: list[Example]
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = setup(cfg)
         if run.start_step >= cfg.steps:
             run.writer.close()
+            getattr(run.engine, "close", lambda: None)()
             if run.is_main:
                 print(f"nothing to do: the run has {run.start_step} steps "
                       f"({ckpt.latest_checkpoint(run.run_dir)}); pass --steps N with N > "
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             train(run)
         finally:
             run.writer.close()
+            getattr(run.engine, "close", lambda: None)()  # a vLLM engine frees its memory
     except UserError as err:  # a model, data set or data file that cannot be used: one line
         raise SystemExit(f"{err.label}: {err}") from None
     except (ckpt.CheckpointError, UnsafePathError, NonFiniteError) as err:
@@ -357,7 +360,8 @@ def setup(cfg: TrainConfig) -> Run:
                                   teacher=cfg.teacher)
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
     return Run(cfg, accelerator, model, policy, optimizer, processor, model_path,
-               HFRolloutEngine(model, processor), experience, train_set, val_set, writer,
+               make_rollout_engine(model, processor, model_path, cfg.rollout, seed=cfg.seed),
+               experience, train_set, val_set, writer,
                samples, run_dir, start_step, state["schedule_steps"], guard)
 
 

@@ -18,6 +18,10 @@ On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer
 
 Other synthetic kinds (`cepo.data.VISUAL_KINDS`) get ``"The answer is \\boxed{X}."`` targets.
 
+The recipe is model-agnostic: `kind` ``"text"`` warms the tiny text-only Qwen3 (`cepo.tiny_text`)
+on the same chain sums without images (``"tiny-text"`` as a model name), cached next to it as
+tiny-qwen3-text-mini-warm-v<N>.
+
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
 like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
 ``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
@@ -59,9 +63,13 @@ class WarmupConfig:
     seed: int = 0  # tiny model init, target choices, batch order
 
 
-def default_warm_dir() -> Path:
+KINDS = ("vl", "text")  # the tiny Qwen3-VL (cepo.tiny) or the tiny text-only Qwen3
+
+
+def default_warm_dir(kind: str = "vl") -> Path:
     root = Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
-    return root / f"tiny-qwen3-vl-mini-warm-v{_RECIPE_VERSION}"
+    model = "qwen3-vl" if kind == "vl" else "qwen3-text"
+    return root / f"tiny-{model}-mini-warm-v{_RECIPE_VERSION}"
 
 
 def build_warm_tiny(
@@ -70,33 +78,38 @@ def build_warm_tiny(
     *,
     base: str | os.PathLike | None = None,
     overwrite: bool = False,
+    kind: str = "vl",
 ) -> Path:
-    """Build (or reuse) the warmed-up tiny Qwen3-VL in `directory`; returns the directory.
+    """Build (or reuse) the warmed-up tiny Qwen3-VL (`kind` "vl") or text-only Qwen3 ("text")
+    in `directory`; returns the directory.
 
     `base` is the random tiny model to start from (default: `cepo.tiny.build_tiny_model`'s
-    cached one). Written to a temporary sibling and renamed into place, so concurrent processes
+    cached one, or `cepo.tiny_text.build_tiny_text_model`'s for "text"). Written to a temporary sibling and renamed into place, so concurrent processes
     (several trainer ranks, test workers) never load a half-written checkpoint.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     config = config or WarmupConfig()
-    target = Path(directory) if directory is not None else default_warm_dir()
-    stamp = {"recipe": _RECIPE_VERSION, **asdict(config)}
+    target = Path(directory) if directory is not None else default_warm_dir(kind)
+    stamp = {"recipe": _RECIPE_VERSION, **asdict(config), **({"kind": kind} if kind != "vl" else {})}
 
     def write(staging: Path) -> None:
         threads = torch.get_num_threads()
         # Tiny tensors gain nothing from threads, and OpenMP threads spin badly on a busy machine.
         torch.set_num_threads(1)
         try:
-            _warm_up(staging, config, base)
+            _warm_up(staging, config, base, kind)
         finally:
             torch.set_num_threads(threads)
-        logger.info("tiny-warm model written to %s", target)
+        logger.info("warmed-up tiny %s model written to %s", kind, target)
 
     return build_once(target, stamp, _STAMP, write, overwrite=overwrite)
 
 
-def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None) -> None:
+def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None,
+             kind: str = "vl") -> None:
     from cepo.batch import collate
-    from cepo.data import chain_solution, chain_terms, encode_prompt, synthetic_dataset
+    from cepo.data import chain_solution, chain_terms, encode_prompt, load_split
     from cepo.models import (
         load_model,
         load_processor,
@@ -106,17 +119,20 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
     )
     from cepo.teachers import hint_ids
     from cepo.tiny import build_tiny_model
+    from cepo.tiny_text import build_tiny_text_model
     from cepo_kernels import fused_linear_logprobs
 
     clock = time.perf_counter()
-    logger.info("building the warmed-up tiny model (first use only)")
+    logger.info("building the warmed-up tiny %s model (first use only)", kind)
     if base is None:
-        base = build_tiny_model(vocab="mini", seed=config.seed)
+        build = build_tiny_model if kind == "vl" else build_tiny_text_model
+        base = build(vocab="mini", seed=config.seed)
     processor = load_processor(str(base))
     tokenizer = processor.tokenizer
     torch.manual_seed(config.seed)
     model = load_model(str(base), device="cpu", dtype=torch.float32).train()
-    prompts = [encode_prompt(processor, e) for e in synthetic_dataset("train", seed=config.seed)]
+    source = "synthetic" if kind == "vl" else "synthetic-text"
+    prompts = [encode_prompt(processor, e) for e in load_split(source, "train", seed=config.seed)]
     rng = random.Random(f"cepo-warmup/{config.seed}")
     by_kind: dict[int, list[str]] = {}
     for i, p in enumerate(prompts):
@@ -190,15 +206,18 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cepo.warmup",
-                                     description="Build the warmed-up tiny Qwen3-VL (offline).")
-    parser.add_argument("--dir", default=None, help=f"output (default {default_warm_dir()})")
+                                     description="Build the warmed-up tiny model (offline).")
+    parser.add_argument("--kind", choices=KINDS, default="vl",
+                        help="vl: tiny Qwen3-VL (tiny-warm); text: tiny Qwen3 (tiny-text)")
+    parser.add_argument("--dir", default=None, help="output (default: in $CEPO_CACHE_DIR)")
     parser.add_argument("--steps", type=int, default=WarmupConfig.steps)
     parser.add_argument("--seed", type=int, default=WarmupConfig.seed)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = build_warm_tiny(
-        args.dir, WarmupConfig(steps=args.steps, seed=args.seed), overwrite=args.overwrite
+        args.dir, WarmupConfig(steps=args.steps, seed=args.seed), overwrite=args.overwrite,
+        kind=args.kind,
     )
     print(path)
 

