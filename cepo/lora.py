@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -54,12 +55,16 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings,
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules)
+    # a regex that matches nothing (".*visual.*" in a text-only model) would make peft warn
+    exclude = settings.exclude_modules or None
+    if exclude and not any(re.fullmatch(exclude, n) for n, _ in model.named_modules()):
+        exclude = None
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
-        exclude_modules=settings.exclude_modules or None,
+        exclude_modules=exclude,
         bias="none",
     )
     try:

@@ -84,6 +84,7 @@ def _text_content(content) -> str:
     parts = []
     for part in content:
         if part.get("type", "text") != "text" or "text" not in part:
-            raise ValueError(f"a text-only model takes text message parts only, got {part!r}")
+            raise ValueError(f"a text-only model takes no images or other non-text message "
+                             f"parts, got {part!r}; use a text data set (e.g. synthetic-text)")
         parts.append(part["text"])
     return "".join(parts)

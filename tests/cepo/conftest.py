@@ -114,3 +114,13 @@ def encoded(processor, examples):
 def warm_dir(tmp_path_factory, tiny_dir) -> str:
     path = tmp_path_factory.mktemp("warm") / "tiny-warm"
     return str(build_warm_tiny(path, WarmupConfig(steps=150), base=tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def text_warm_dir(tmp_path_factory) -> str:
+    """The tiny text-only Qwen3, briefly warmed up on the chain sums without images."""
+    from cepo.tiny_text import build_tiny_text_model
+
+    base = build_tiny_text_model(tmp_path_factory.mktemp("tiny-text") / "base")
+    path = tmp_path_factory.mktemp("text-warm") / "tiny-text"
+    return str(build_warm_tiny(path, WarmupConfig(steps=150), base=base, kind="text"))
