@@ -19,6 +19,7 @@ sleep while the trainer scores and updates (``rollout.sleep``), so training memo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -93,26 +94,26 @@ class VLLMRolloutEngine(HFRolloutEngine):
             kwargs["distributed_executor_backend"] = "external_launcher"
         if not self.text_only:
             kwargs["limit_mm_per_prompt"] = {"image": 8, "video": 0}
-        dtype = next(model.parameters()).dtype
-        self.llm = LLM(
-            model=model_path,
-            dtype=str(dtype).removeprefix("torch."),
-            seed=seed,
-            max_model_len=config.max_prompt_tokens + config.max_new_tokens,
-            gpu_memory_utilization=utilization,
-            enforce_eager=not self.cuda,  # CPU: no graph capture
-            enable_prefix_caching=True,  # the G samples of a prompt share its KV blocks
-            enable_sleep_mode=self.sleep,
-            # log-probs of the distribution sampled from (after temperature and top-p), as the
-            # trainer's old log-probs; and never the checkpoint's own sampling defaults
-            logprobs_mode="processed_logprobs",
-            generation_config="vllm",
-            **kwargs,
-        )
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        with preserved_rng():  # vLLM seeds the global RNGs; the trainer's (resumed) ones stay
+            self.llm = LLM(
+                model=model_path,
+                dtype=dtype,
+                seed=seed,
+                max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+                gpu_memory_utilization=utilization,
+                enforce_eager=not self.cuda,  # CPU: no graph capture
+                enable_prefix_caching=True,  # the G samples of a prompt share its KV blocks
+                enable_sleep_mode=self.sleep,
+                # log-probs of the distribution sampled from (after temperature and top-p), like
+                # the trainer's old log-probs; never the checkpoint's own sampling defaults
+                logprobs_mode="processed_logprobs",
+                generation_config="vllm",
+                **kwargs,
+            )
         vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
         suppressed = set(self.suppressed_ids)
         self.allowed_ids = [i for i in range(vocab) if i not in suppressed] if suppressed else None
-        self.synced_version = None
         if self.sleep:
             self.llm.sleep(level=2)  # weights come back with the first sync
 
@@ -140,11 +141,13 @@ class VLLMRolloutEngine(HFRolloutEngine):
             self.llm.wake_up(tags=["kv_cache"])
         sampling = config.temperature > 0
         base_seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from seed_step(seed, step, rank)
+        # vLLM samples greedily only with n = 1: then each prompt goes in G times
+        copies, n = (1, config.group_size) if sampling else (config.group_size, 1)
         requests, params = [], []
-        for index, prompt in enumerate(prompts):
+        for index, prompt in enumerate(p for p in prompts for _ in range(copies)):
             requests.append(self._request(prompt))
             params.append(SamplingParams(
-                n=config.group_size,
+                n=n,
                 temperature=config.temperature if sampling else 0.0,
                 top_p=config.top_p if sampling else 1.0,
                 top_k=getattr(config, "top_k", 0) or -1,
@@ -153,7 +156,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 max_tokens=config.max_new_tokens,
                 stop_token_ids=self.eos_token_ids,
                 allowed_token_ids=self.allowed_ids,
-                seed=base_seed + index * config.group_size,  # vLLM adds the sample's index
+                seed=base_seed + index * n,  # vLLM adds the sample's index
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 skip_special_tokens=False,
@@ -219,6 +222,25 @@ class VLLMRolloutEngine(HFRolloutEngine):
 
         cleanup_dist_env_and_memory()
         gc.collect()
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore the python, numpy and torch (CPU and CUDA) RNG states on exit."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
