@@ -84,6 +84,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
         from vllm import LLM
 
+        _quiet_reload_warnings()
         self.text_only = is_text_model(model)
         self.sleep = bool(config.sleep and self.cuda)  # sleep mode is CUDA-only
         utilization = config.gpu_memory_utilization or (0.3 if self.cuda else 0.1)
@@ -222,6 +223,20 @@ class VLLMRolloutEngine(HFRolloutEngine):
 
         cleanup_dist_env_and_memory()
         gc.collect()
+
+
+class _NoBufferOnlyWarnings(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" at every weight sync: the rotary
+    cache is a buffer computed from the config, never in a checkpoint, and is kept as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def _quiet_reload_warnings() -> None:
+    target = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _NoBufferOnlyWarnings) for f in target.filters):
+        target.addFilter(_NoBufferOnlyWarnings())
 
 
 @contextlib.contextmanager
