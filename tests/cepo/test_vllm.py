@@ -65,26 +65,28 @@ def test_greedy_ids_equal_hf(engine, processor, prompts):
 
 
 def policy_logprobs(model, rollouts, temperature: float) -> torch.Tensor:
-    """[N, T] log-probs of the sampled tokens under `model`, as the trainer scores them."""
-    inputs = rollouts.student_inputs()
+    """[N, T] log-probs of the sampled tokens under `model`, as the trainer scores them (CPU)."""
     with torch.no_grad():
-        hidden = response_hidden(model, inputs, rollouts.response_ids.shape[1])
-        weight, bias = output_head(model)
-        labels = rollouts.response_ids.masked_fill(rollouts.response_mask == 0, -100)
-        out = fused_linear_logprobs(hidden / temperature, weight, labels, bias=bias)
-    return out.logprobs * rollouts.response_mask
+        logprobs, mask = _logprobs(model, rollouts, temperature)
+    return (logprobs * mask).float().cpu()
+
+
+def _logprobs(model, rollouts, temperature: float = 1.0):
+    device = next(model.parameters()).device
+    inputs = rollouts.student_inputs().to(device)
+    mask = rollouts.response_mask.to(device)
+    hidden = response_hidden(model, inputs, mask.shape[1])
+    weight, bias = output_head(model)
+    labels = rollouts.response_ids.to(device).masked_fill(mask == 0, -100)
+    return fused_linear_logprobs(hidden / temperature, weight, labels, bias=bias).logprobs, mask
 
 
 def train_one_step(model, rollouts, lr: float) -> None:
     """One AdamW step that raises the log-probs of the given rollouts (a policy update)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    inputs = rollouts.student_inputs()
-    hidden = response_hidden(model, inputs, rollouts.response_ids.shape[1])
-    weight, bias = output_head(model)
-    labels = rollouts.response_ids.masked_fill(rollouts.response_mask == 0, -100)
-    logprobs = fused_linear_logprobs(hidden, weight, labels, bias=bias).logprobs
-    (-(logprobs * rollouts.response_mask).sum() / rollouts.response_mask.sum()).backward()
+    logprobs, mask = _logprobs(model, rollouts)
+    (-(logprobs * mask).sum() / mask.sum()).backward()
     optimizer.step()
 
 
