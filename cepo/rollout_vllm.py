@@ -141,7 +141,11 @@ class VLLMRolloutEngine(HFRolloutEngine):
         if self.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         sampling = config.temperature > 0
-        base_seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from seed_step(seed, step, rank)
+        # Seeds from the step's torch RNG (seed_step: seed, step, rank). On CUDA each request
+        # gets its own; on the CPU vLLM cannot rewind a per-request generator after a chunked
+        # prefill ("CPU Generator does not use offset"), so it samples from torch's global CPU
+        # generator, which is this process's and was seeded by seed_step: as reproducible.
+        base_seed = int(torch.randint(0, 2**31 - 1, (1,)))
         # vLLM samples greedily only with n = 1: then each prompt goes in G times
         copies, n = (1, config.group_size) if sampling else (config.group_size, 1)
         requests, params = [], []
@@ -157,7 +161,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 max_tokens=config.max_new_tokens,
                 stop_token_ids=self.eos_token_ids,
                 allowed_token_ids=self.allowed_ids,
-                seed=base_seed + index * n,  # vLLM adds the sample's index
+                seed=base_seed + index * n if self.cuda else None,  # + the sample's index
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 skip_special_tokens=False,

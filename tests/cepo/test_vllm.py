@@ -47,7 +47,7 @@ def engine(text_warm_dir, processor):
     from cepo.rollout_vllm import VLLMRolloutEngine
 
     model = load_model(text_warm_dir, device="cpu", dtype=torch.float32)
-    config = RolloutConfig(max_new_tokens=32, max_prompt_tokens=128)
+    config = RolloutConfig(max_new_tokens=128, max_prompt_tokens=128)
     engine = VLLMRolloutEngine(model, processor, text_warm_dir, config, seed=0)
     yield engine
     engine.close()
@@ -62,6 +62,23 @@ def test_greedy_ids_equal_hf(engine, processor, prompts):
     assert torch.equal(ours.truncated, hf.truncated)
     assert torch.equal(ours.prompt_ids, hf.prompt_ids) and ours.texts == hf.texts
     assert sum("\\boxed{" in t for t in ours.texts) >= 4  # the warmed-up model answers
+
+
+def test_sampling_is_seeded_by_the_step_rng(engine, processor, text_warm_dir):
+    """64 samples of up to 128 tokens (a batch large enough for chunked prefills): the same
+    torch seed gives the same rollouts, another seed others."""
+    engine.model = load_model(text_warm_dir, device="cpu", dtype=torch.float32)
+    prompts = [encode_prompt(processor, e) for e in load_split("synthetic-text", "train", limit=8)]
+    cfg = RolloutConfig(group_size=8, temperature=1.0, max_new_tokens=128)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(engine.generate(prompts, cfg))
+    assert runs[0].num_rollouts == 64
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    assert not torch.equal(runs[0].response_ids[:, :8], runs[2].response_ids[:, :8])
+    # a group's samples differ from one another
+    assert len({tuple(r.tolist()) for r in runs[0].response_ids[:8]}) > 1
 
 
 def policy_logprobs(model, rollouts, temperature: float) -> torch.Tensor:
