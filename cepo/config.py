@@ -70,7 +70,7 @@ def _require_temperature(key: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id, local dir, "tiny" (random) or "tiny-warm"
+    name: str = "Qwen/Qwen3-VL-2B-Instruct"  # hub id, local dir, "tiny", "tiny-warm" or "tiny-text"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 GPU, fp32 CPU
     gradient_checkpointing: bool = True  # 2048-token responses: recompute activations
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: default
@@ -96,7 +96,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "hiyouga/geometry3k"  # "synthetic", a Geo3k file or directory, or a hub id
+    train: str = "hiyouga/geometry3k"  # "synthetic"(-text), a Geo3k file or directory, or a hub id
     train_split: str = "train"  # Geo3k train: 2,101 problems
     train_limit: int | None = None  # use only the first N training examples
     val: str | None = None  # validation source; None: the training source

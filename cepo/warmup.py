@@ -84,14 +84,17 @@ def build_warm_tiny(
     in `directory`; returns the directory.
 
     `base` is the random tiny model to start from (default: `cepo.tiny.build_tiny_model`'s
-    cached one, or `cepo.tiny_text.build_tiny_text_model`'s for "text"). Written to a temporary sibling and renamed into place, so concurrent processes
+    cached one, or `cepo.tiny_text.build_tiny_text_model`'s for "text"). Written to a temporary
+    sibling and renamed into place, so concurrent processes
     (several trainer ranks, test workers) never load a half-written checkpoint.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     config = config or WarmupConfig()
     target = Path(directory) if directory is not None else default_warm_dir(kind)
-    stamp = {"recipe": _RECIPE_VERSION, **asdict(config), **({"kind": kind} if kind != "vl" else {})}
+    stamp = {"recipe": _RECIPE_VERSION, **asdict(config)}
+    if kind != "vl":  # the tiny Qwen3-VL's stamp as before: its cached builds stay valid
+        stamp["kind"] = kind
 
     def write(staging: Path) -> None:
         threads = torch.get_num_threads()

@@ -36,7 +36,8 @@ def test_text_prompts_have_no_vision_tokens(text_warm_dir):
     assert not example.images and "<image>" not in example.problem
     prompt = encode_prompt(processor, example)
     text = processor.tokenizer.decode(prompt.input_ids)
-    assert text.startswith("<|im_start|>user\nWhat is ") and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>user\nWhat is ")
+    assert text.endswith("<|im_start|>assistant\n")
     assert "vision" not in text and "image" not in text
     assert not prompt.mm_token_type_ids.any() and prompt.pixel_values is None
     assert torch.equal(prompt.blind_ids, prompt.input_ids)

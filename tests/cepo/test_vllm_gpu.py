@@ -1,6 +1,7 @@
 """The CUDA-only parts of the vLLM rollout engine: bf16 weight sync with sleep/wake, and Qwen3-VL
 prompts with their images (vLLM's Qwen3-VL imports torchvision, which only a CUDA torch has).
-Run on a GPU machine with vllm installed: ``python -m pytest -q -m gpu tests/cepo/test_vllm_gpu.py``."""
+Run on a GPU machine with vllm installed:
+``python -m pytest -q -m gpu tests/cepo/test_vllm_gpu.py``."""
 
 from __future__ import annotations
 
