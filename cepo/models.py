@@ -1,4 +1,5 @@
-"""Loading Qwen3-VL checkpoints, and the hidden-state entry point the kernels score from.
+"""Loading Qwen3-VL checkpoints (and text-only causal LMs: `cepo.textmodel`), and the
+hidden-state entry point the kernels score from.
 
 The kernels never see logits: they take the hidden states just before the lm_head plus the lm_head
 weight and compute log-probs of the chosen tokens in vocabulary tiles. So this module provides
