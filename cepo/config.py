@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import yaml
 
+from cepo.contexts import TeacherConfig
 from cepo.errors import ConfigError
 from cepo.grading import DEFAULT_BATCH_BUDGET_S, check_grader
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 
 ALGOS = ("cepo", "rlsd", "grpo")
 # docs/METHOD.md, "Presets": lr 5e-6 for CEPO, 1e-6 for the GRPO and RLSD baselines (used when

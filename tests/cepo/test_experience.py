@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from cepo.contexts import TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 
 LAM, EPS_W = 0.5, 0.5
 
@@ -27,7 +27,7 @@ def test_one_step_with_real_generation(model, processor, examples, grader):
     assert n == 16 and t <= 12
     for name in ("old_logprobs", "token_advantages"):
         assert getattr(exp, name).shape == (n, t)
-    for name in ("pos_logprobs", "neg_logprobs", "delta", "weight"):
+    for name in ("pos_logprobs", "neg_logprobs", "delta", "token_weight"):
         assert getattr(exp.scores, name).shape == (n, t)
     mask = exp.response_mask.bool()
     assert (exp.old_logprobs[mask] < 0).all() and (exp.old_logprobs[~mask] == 0).all()

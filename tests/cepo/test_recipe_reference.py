@@ -9,18 +9,14 @@ import pytest
 import torch
 
 from cepo import config as C
-from cepo.advantages import group_advantages
 from cepo.config import build_config
+from cepo.contexts import TeacherConfig, build_teacher_contexts
 from cepo.data import encode_prompt
 from cepo.experience import ExperienceConfig, make_experience
+from cepo.group_advantages import group_advantages
+from cepo.negatives import reference_answer, select_wrong_answers
 from cepo.reward import compute_rewards
 from cepo.rollout import RolloutConfig
-from cepo.teachers import (
-    TeacherConfig,
-    build_teacher_contexts,
-    reference_answer,
-    select_wrong_answers,
-)
 
 from .test_recipe_blind import reference_context
 

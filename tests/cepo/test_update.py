@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cepo.config import PPOConfig
+from cepo.contexts import TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 from cepo.update import (
     NonFiniteError,
     NonFiniteGuard,
