@@ -143,8 +143,8 @@ def load_model(
 ) -> torch.nn.Module:
     """Load a Qwen3-VL (or any image-text-to-text) checkpoint with `AutoModelForImageTextToText`.
 
-    `name_or_path` is a hub id, a local directory, or a registered name (`cepo.registry`). The model is
-    returned in eval mode on `device` (default: cuda if available) in `dtype` (default: see
+    `name_or_path` is a hub id, a local directory, or a registered name (`cepo.registry`). The
+    model is returned in eval mode on `device` (default: cuda if available) in `dtype` (default: see
     `default_dtype`).
     """
     path = resolve_model_dir(name_or_path)

@@ -16,10 +16,12 @@ On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer
     CEPO weights carry signal;
   * `boxed_fraction` of the targets box the answer, the rest state it plainly.
 
-Other synthetic kinds (`cepo.offline.synthetic.VISUAL_KINDS`) get ``"The answer is \\boxed{X}."`` targets.
+Other synthetic kinds (`cepo.offline.synthetic.VISUAL_KINDS`) get
+``"The answer is \\boxed{X}."`` targets.
 
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
-like `cepo.offline.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
+like `cepo.offline.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)
+/tiny-qwen3-vl-mini-warm-v<N>.
 ``"tiny-warm"`` as a model name (registered by `cepo.offline`) builds it on first use, in about
 a minute of CPU time. Build it ahead of time with::
 

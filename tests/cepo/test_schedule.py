@@ -27,7 +27,7 @@ def test_lambda_schedule_spec_section_4():
 
 def test_lambda_warmup_zero_is_constant_as_documented():
     # docs/METHOD.md, "Schedules" says T_warm = 0 keeps λ = λ0 for the whole run (both trainers
-    # use this one function; the TRL side is pinned in tests/integrations/test_trl.py)
+    # use this one function; the TRL side is pinned in tests/integrations/test_trl_schedule.py)
     section = METHOD.read_text().split("## Schedules", 1)[1].split("\n## ", 1)[0]
     assert "T_warm = 0 keeps λ = λ0 for the whole run" in " ".join(section.split())
     assert [lam_at(k, 0.5, 0) for k in (1, 2, 25, 26, 1000)] == [0.5] * 5

@@ -1,6 +1,6 @@
 """Tiny offline models for the integration tests, built once per session into a temp directory:
-the mini Qwen3-VL of `cepo.offline.tiny`, and the tiny text-only Qwen3 causal LM of `examples/trl_cpu.py`
-sharing its tokenizer."""
+the mini Qwen3-VL of `cepo.offline.tiny`, and the tiny text-only Qwen3 causal LM of
+`examples/trl_cpu.py` sharing its tokenizer."""
 
 from __future__ import annotations
 

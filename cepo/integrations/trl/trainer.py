@@ -23,7 +23,8 @@ spans them):
 λ follows docs/METHOD.md, "Schedules" (`cepo.schedule.lam_at`, as the native trainer) with one
 step = one generation batch, derived from ``state.global_step`` (`config.generation_index`), so it
 survives checkpoint/resume. While λ = 0 (after ``cepo_lambda_warmup_steps`` generations, or λ0 = 0)
-nothing extra runs: TRL's GRPO advantages pass through. Evaluation batches keep GRPO advantages (CEPO shapes training credit only).
+nothing extra runs: TRL's GRPO advantages pass through. Evaluation batches keep GRPO advantages
+(CEPO shapes training credit only).
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _cepo_score(self, out, student, teacher, rows, t, labels, adv, truths, wrong, lam,
                     uniform, *, validate):
-        """Student and teacher hidden states for ``rows`` → `contrastive_evidence` (Â, Δ)."""
+        """Student and teacher hidden states for ``rows`` → the scoring core (`evidence`)."""
         args = self.args
         model = self.accelerator.unwrap_model(self.model)
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
