@@ -12,6 +12,9 @@ package's ``__init__`` importing its own children is not a circle).
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,22 @@ def test_cycle_finder_reports_a_circle():
     assert find_cycle(graph, "cepo") == ["cepo.a", "cepo.b", "cepo.c", "cepo.a"]
     graph["cepo.c"] = {"cepo.d"}
     assert find_cycle(graph, "cepo") is None
+
+
+def test_offline_names_come_from_the_offline_kit_only():
+    """At run time too: importing the core registers nothing and loads no offline module;
+    importing `cepo.offline` registers tiny, tiny-warm and synthetic (built only on use)."""
+    code = (
+        "import sys\n"
+        "import cepo.data, cepo.models, cepo.scoring, cepo.experience\n"
+        "from cepo.registry import registered\n"
+        "assert registered() == {'models': [], 'datasets': []}, registered()\n"
+        "assert not [m for m in sys.modules if m.startswith('cepo.offline')]\n"
+        "import cepo.offline\n"
+        "names = registered()\n"
+        "assert {'tiny', 'tiny-mini', 'tiny-qwen', 'tiny-warm'} <= set(names['models']), names\n"
+        "assert names['datasets'] == ['synthetic'], names\n"
+        "assert 'cepo.offline.warmup' not in sys.modules  # built on first use only\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
