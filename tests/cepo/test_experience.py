@@ -40,17 +40,19 @@ def test_one_step_with_real_generation(model, processor, examples, grader):
     zero = experience.advantages == 0
     assert (experience.token_advantages[zero] == 0).all()
     assert torch.equal(experience.scores.teacher_scored, ~zero)
-    for key in (
-        "reward/mean",
-        "reward/accuracy",
-        "reward/format",
-        "rollout/response_length",
-        "rollout/mixed_groups",
-        "cepo/lambda",
-        "time/rollout",
-        "time/score",
-    ):
-        assert key in experience.metrics and math.isfinite(experience.metrics[key])
+    # the step's metrics are the statistics of what the step produced
+    m, rw = experience.metrics, experience.rewards
+    lengths = experience.rollouts.response_mask.sum(1).double()
+    groups = rw.reward.view(-1, 4)
+    mixed = ((groups != groups[:, :1]).any(1)).double().mean()
+    for key, want in (("reward/mean", rw.reward.double().mean()),
+                      ("reward/accuracy", rw.accuracy.double().mean()),
+                      ("reward/format", rw.format.double().mean()),
+                      ("rollout/response_length", lengths.mean()),
+                      ("rollout/mixed_groups", mixed),
+                      ("cepo/lambda", LAM)):
+        assert m[key] == pytest.approx(float(want), rel=1e-6), key
+    assert m["time/rollout"] > 0 and m["time/score"] >= 0
 
 
 def test_mixed_groups_give_spec_conforming_token_advantages(

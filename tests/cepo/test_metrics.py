@@ -215,9 +215,31 @@ def test_summarize_windows_never_overlap_on_short_runs(steps, start, end):
                                                                   pytest.approx(end))
 
 
-def test_reduce_on_one_process_is_identity():
-    metrics = {"a": 1.0, "b_max": 2.0}
-    assert reduce_across(metrics, None) is metrics
+def test_reduce_across_processes_means_maxes_mins_and_missing_keys(monkeypatch):
+    """Two processes' metrics, the other process's metrics given: means, ``*_max``/``*_min``,
+    and keys one process lacks averaged over the processes that have them."""
+    import accelerate.utils
+
+    mine = {"loss": 1.0, "ratio_max": 2.0, "ratio_min": 0.5, "only_mine": 7.0}
+    theirs = {"loss": 3.0, "ratio_max": 5.0, "ratio_min": 0.25, "only_theirs": 4.0}
+
+    keys = sorted(set(mine) | set(theirs))
+    other = torch.tensor([theirs.get(k, math.nan) for k in keys], dtype=torch.float64)
+    present = torch.isfinite(other)
+    # reduce_across gathers twice: the values (missing ones as 0), then which ones are present
+    rows = iter([torch.where(present, other, 0.0), present.double()])
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def gather(self, local):
+            return torch.cat([local, next(rows)[None]])
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda keys: keys + list(theirs))
+    assert reduce_across(mine, None) is mine  # one process: nothing to reduce
+    out = reduce_across(mine, TwoProcesses())
+    assert out == {"loss": 2.0, "ratio_max": 5.0, "ratio_min": 0.25, "only_mine": 7.0,
+                   "only_theirs": 4.0}
 
 
 def test_weight_clip_fraction():
