@@ -227,6 +227,7 @@ def config_drift(settings: dict) -> list[str]:
     from cepo.config import build_config, to_dict
 
     now = flatten(to_dict(build_config([])))
+    settings = {RENAMED.get(k, k): v for k, v in settings.items()}  # recorded before a rename
     return [f"{k} {settings[k]} (now {now.get(k)})" if k in settings
             else f"{k} not recorded (now {now.get(k)})"
             for k in SETTINGS

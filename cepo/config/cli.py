@@ -137,6 +137,15 @@ def _prepare(value: Any, tp: Any) -> Any:
         return True if text in _TRUE else False if text in _FALSE else value
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is int and not isinstance(value, bool):  # 1e6, 2.0: whole numbers written as floats
+        number = value
+        if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
     return value
 
 
