@@ -258,6 +258,9 @@ def test_sane_edge_values_are_kept():
                         "--weight_decay", "0", "--grad_clip", "0", "--optim.betas", "0,0.5"])
     assert (cfg.rollout.temperature, cfg.val.temperature, cfg.optim.lr) == (0.0, 0.01, 1.0)
     assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.betas) == (0.0, 0.0, (0, 0.5))
+    cfg = build_config(["--data.min_pixels", "1e4", "--steps", "3.0", "--model.name", "123"])
+    assert (cfg.data.min_pixels, cfg.steps, cfg.model.name) == (10_000, 3, "123")
+    assert type(cfg.data.min_pixels) is int and type(cfg.steps) is int
 
 
 @pytest.mark.parametrize("argv, words", [
