@@ -8,7 +8,7 @@ backend runs. Optional inputs are ``None`` when absent: an op derives its featur
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -26,7 +26,7 @@ class LogProbParams:
     temperature: float = 1.0
     ignore_index: int = -100
     with_entropy: bool = False
-    chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS  # torch backend tiles; None: tile budget
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS  # torch backend tiles; None: tile budget
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB
 
 
@@ -53,6 +53,6 @@ class ContrastStats(NamedTuple):
     policy: torch.Tensor                 # log P_S(y_t)
     pos: torch.Tensor                    # log P_T+(y_t)
     neg: torch.Tensor                    # log P_T-(y_t), logmeanexp over the K wrong answers
-    delta: Optional[torch.Tensor]        # Δ_t = pos − neg
-    token_weight: Optional[torch.Tensor]  # clipped w_t
-    advantages: Optional[torch.Tensor]   # Â_t, 0 where not valid
+    delta: torch.Tensor | None        # Δ_t = pos − neg
+    token_weight: torch.Tensor | None  # clipped w_t
+    advantages: torch.Tensor | None   # Â_t, 0 where not valid

@@ -15,8 +15,6 @@ backend's LoRA / frozen-head path). The Triton module is imported on first use o
 
 from __future__ import annotations
 
-from typing import Optional
-
 from . import torch_chunked
 from .params import ContrastParams, ContrastStats, LogProbParams
 from .stats import LogitStats
@@ -58,7 +56,7 @@ class TorchOps:
 
     @staticmethod
     def contrastive(streams, weight, bias, labels, params: LogProbParams, *,
-                    cepo: Optional[ContrastParams] = None) -> ContrastStats:
+                    cepo: ContrastParams | None = None) -> ContrastStats:
         return torch_chunked.contrastive(list(streams), weight, bias, labels,
                                          temperature=params.temperature,
                                          ignore_index=params.ignore_index, cepo=cepo,
@@ -94,7 +92,7 @@ class TritonOps:
 
     @staticmethod
     def contrastive(streams, weight, bias, labels, params: LogProbParams, *,
-                    cepo: Optional[ContrastParams] = None) -> ContrastStats:
+                    cepo: ContrastParams | None = None) -> ContrastStats:
         return _triton().contrastive(streams, weight, bias, labels,
                                      temperature=params.temperature,
                                      ignore_index=params.ignore_index, cepo=cepo)
