@@ -20,8 +20,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LogProbParams):
-        # LoRA / frozen head with the torch backend: ∂lp/∂h comes out of the forward pass itself
-        # (an N×D tensor), so the backward needs no second pass over the vocabulary. With an
+        # LoRA / frozen head on a backend whose forward can return ∂lp/∂h (torch): it comes out
+        # of the forward pass (an N×D tensor), so the backward needs no second pass over the
+        # vocabulary. With an
         # entropy output, or when W or b need a gradient, the backward recomputes the tiles.
         needs = ctx.needs_input_grad
         ops = ops_for(params)
