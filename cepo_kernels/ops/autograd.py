@@ -22,8 +22,8 @@ class LinearLogProbsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, params: LogProbParams):
         # LoRA / frozen head on a backend whose forward can return ∂lp/∂h (torch): it comes out
         # of the forward pass (an N×D tensor), so the backward needs no second pass over the
-        # vocabulary. With an
-        # entropy output, or when W or b need a gradient, the backward recomputes the tiles.
+        # vocabulary. With an entropy output, or when W or b need a gradient, the backward
+        # recomputes the tiles.
         needs = ctx.needs_input_grad
         ops = ops_for(params)
         ctx.jacobian = (ops.grad_hidden_in_forward and needs[0] and not needs[1]
