@@ -206,7 +206,7 @@ def score_rollouts(
     n, width = rollouts.response_ids.shape
     labels_all = rollouts.response_ids.masked_fill(~rollouts.response_mask.bool(), IGNORE_INDEX)
     out = {f: torch.zeros(n, width) for f in _FIELDS}
-    out["weight"].fill_(1.0)
+    out["token_weight"].fill_(1.0)
     scored = advantages.cpu() != 0
     backend_used = backend
     was_training = model.training
@@ -235,7 +235,7 @@ def score_rollouts(
             backend_used = ev.backend
             valid = labels != IGNORE_INDEX
             for f in _FIELDS:
-                fill = 1.0 if f == "weight" else 0.0
+                fill = 1.0 if f == "token_weight" else 0.0
                 out[f][rows, :t] = torch.where(valid, getattr(ev, f).float(), fill).cpu()
     finally:
         model.train(was_training)
@@ -244,14 +244,14 @@ def score_rollouts(
         pos_logprobs=out["pos"],
         neg_logprobs=out["neg"],
         delta=out["delta"],
-        weight=out["weight"],
+        weight=out["token_weight"],
         token_advantages=out["advantages"],
         teacher_scored=scored,
         backend=backend_used,
     )
 
 
-_FIELDS = ("policy", "pos", "neg", "delta", "weight", "advantages")
+_FIELDS = ("policy", "pos", "neg", "delta", "token_weight", "advantages")
 
 
 def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo, device):
