@@ -13,50 +13,17 @@ r+ is the ground truth; r− a wrong answer of a rejected rollout of the same gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from cepo.batch import Prefix
-from cepo.negatives import NEG_CHOICES, NegChoice, select_wrong_answers
+from cepo.config import TeacherConfig
+from cepo.negatives import select_wrong_answers
 from cepo.reward import Rewards
 from cepo.rollout import Rollouts
 
+# what T− is for a group without a usable r− (`cepo.scoring.neg_stand_in`)
 NEG_FALLBACKS = ("student", "positive")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """How the teacher contexts are built; defaults are docs/METHOD.md, "Teachers" and "Presets"
-    (preset `paper`)."""
-
-    hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
-    # False: image-blind as the reference's CEPO teachers (pads for the image); None: by algorithm,
-    # False for cepo, True for rlsd (the reference's RLSD teacher sees the image)
-    teacher_images: bool | None = True  # False: image-blind (reference); None: False for cepo
-    # worst: lowest-reward rejected rollout with a boxed answer; most_frequent: the commonest
-    # wrong answer; reference: the reference code's (lowest reward below 0.5, boxed or not)
-    neg_choice: NegChoice = "worst"  # reference: the reference code's (unboxed allowed, " None")
-    num_neg: int = 1  # K wrong answers; K > 1 mixes them as logmeanexp_k (extension)
-    neg_fallback: Literal["student", "positive"] = "student"  # group without a usable r-
-    teacher_model: Literal["actor", "base"] = "actor"  # "base": peft adapters disabled
-    micro_batch_size: int = 8  # rollouts per scoring forward
-
-    def __post_init__(self):
-        if "{answer}" not in self.hint_template and self.hint_template:
-            raise ValueError(f"hint_template must contain '{{answer}}', got {self.hint_template!r}")
-        if self.neg_choice not in NEG_CHOICES:
-            raise ValueError(
-                f"neg_choice must be one of {', '.join(NEG_CHOICES)}, got {self.neg_choice!r}"
-            )
-        if self.neg_fallback not in NEG_FALLBACKS:
-            raise ValueError(
-                f"neg_fallback must be 'student' or 'positive', got {self.neg_fallback!r}"
-            )
-        if self.teacher_model not in ("actor", "base"):
-            raise ValueError(f"teacher_model must be 'actor' or 'base', got {self.teacher_model!r}")
-        if self.num_neg < 1 or self.micro_batch_size < 1:
-            raise ValueError("num_neg and micro_batch_size must be >= 1")
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-from cepo.contexts import TeacherConfig, build_teacher_contexts
+from cepo.config import DEFAULT_EPS_W, TeacherConfig, check_eps_w
+from cepo.contexts import build_teacher_contexts
 from cepo.data import Example, encode_prompts
 from cepo.diagnostics import token_diagnostics
 from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader, check_grader
@@ -34,7 +35,7 @@ class ExperienceConfig:
     """Settings of one experience step; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
 
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"
-    eps_w: float = 0.5
+    eps_w: float = DEFAULT_EPS_W["cepo"]  # checked by cepo.config.check_eps_w
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
     grader: str = "math_verify"  # or "mathruler" (the reference code's grader)
@@ -46,6 +47,7 @@ class ExperienceConfig:
     def __post_init__(self):
         if self.algo not in ("cepo", "rlsd", "grpo"):
             raise ValueError(f"algo must be 'cepo', 'rlsd' or 'grpo', got {self.algo!r}")
+        check_eps_w(self.eps_w, "eps_w")
         check_grader(self.grader)
 
 

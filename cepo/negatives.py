@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal
 
+from cepo.config import NEG_CHOICES, REFERENCE_THRESHOLD, NegChoice
 from cepo.grading import normalize_answer
-
-NEG_CHOICES = ("worst", "most_frequent", "reference")
-NegChoice = Literal["worst", "most_frequent", "reference"]
-REFERENCE_THRESHOLD = 0.5  # the reference's "rejected": reward below this
 
 
 def select_wrong_answers(

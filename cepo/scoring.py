@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from cepo.batch import IGNORE_INDEX, Prefix, collate, response_labels, response_width
-from cepo.contexts import TeacherConfig, TeacherContexts
+from cepo.config import TeacherConfig
+from cepo.contexts import TeacherContexts
 from cepo.models import OutputHead, output_head, response_hidden
 from cepo.rollout import Rollouts
 from cepo_kernels import contrastive_evidence, fused_linear_logprobs
@@ -70,7 +71,7 @@ def evidence(policy_h: torch.Tensor, pos_h: torch.Tensor, neg_h: torch.Tensor, h
 
 # Scores field <- ContrastiveEvidence field
 _EVIDENCE = {"old_logprobs": "policy", "pos_logprobs": "pos", "neg_logprobs": "neg",
-             "delta": "delta", "token_weight": "weight", "token_advantages": "advantages"}
+             "delta": "delta", "token_weight": "token_weight", "token_advantages": "advantages"}
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cepo.contexts import TeacherConfig
+from cepo.config import TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
 

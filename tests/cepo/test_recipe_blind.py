@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from cepo.batch import collate
-from cepo.contexts import TeacherConfig, build_teacher_contexts
+from cepo.config import TeacherConfig
+from cepo.contexts import build_teacher_contexts
 from cepo.data import Example, encode_prompt, prompt_text
 from cepo.integrations.trl.teachers import row_prefixes
 from cepo.models import forward_hidden, position_ids

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cepo import config as C
-from cepo.config import build_config
-from cepo.contexts import TeacherConfig, build_teacher_contexts
+from cepo.config import TeacherConfig, build_config
+from cepo.contexts import build_teacher_contexts
 from cepo.data import encode_prompt
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.group_advantages import group_advantages

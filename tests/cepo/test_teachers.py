@@ -13,7 +13,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from cepo.contexts import TeacherConfig, TeacherContexts, build_teacher_contexts
+from cepo.config import TeacherConfig
+from cepo.contexts import TeacherContexts, build_teacher_contexts
 from cepo.data import Example, encode_prompt
 from cepo.group_advantages import group_advantages
 from cepo.negatives import select_wrong_answers

@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from cepo.config import PPOConfig
-from cepo.contexts import TeacherConfig
+from cepo.config import PPOConfig, TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
 from cepo.update import (

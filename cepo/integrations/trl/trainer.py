@@ -278,7 +278,7 @@ class CEPOGRPOTrainer(GRPOTrainer):
                                                advantages[rows, :t])
             counted = keep & (labels != IGNORE_INDEX)
             delta[rows, :t] = torch.where(counted, ev.delta.float(), 0.0)
-            token_weight[rows, :t] = torch.where(counted, ev.weight.float(), 1.0)
+            token_weight[rows, :t] = torch.where(counted, ev.token_weight.float(), 1.0)
 
         self._cepo_log(grpo, delta, token_weight, loss_mask, scored, wrong_by_group, k)
         self.cepo_last = CEPOBatch(k, lam, grpo.detach().cpu(), advantages.detach().cpu(),
