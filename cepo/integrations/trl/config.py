@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from transformers import training_args as hf_training_args
 from trl import GRPOConfig
 
+from cepo.config import DEFAULT_EPS_W, DEFAULT_LAM_OFFSET, check_eps_w
 from cepo.contexts import NEG_FALLBACKS
 
 logger = logging.getLogger(__name__)
@@ -103,15 +104,14 @@ class CEPOConfig(GRPOConfig):
                 self.cepo_lambda_warmup_steps < 0:
             raise ValueError(f"cepo_lambda_warmup_steps must be an int >= 0, got "
                              f"{self.cepo_lambda_warmup_steps}")
-        if self.cepo_eps_w is None:
-            self.cepo_eps_w = 0.2 if self.cepo_algo == "rlsd" else 0.5
+        if self.cepo_eps_w is None:  # the native trainer's defaults (docs/METHOD.md, "Presets")
+            self.cepo_eps_w = DEFAULT_EPS_W[self.cepo_algo]
         if self.cepo_lambda_offset is None:
-            self.cepo_lambda_offset = 1 if self.cepo_algo == "rlsd" else 0
+            self.cepo_lambda_offset = DEFAULT_LAM_OFFSET[self.cepo_algo]
         if int(self.cepo_lambda_offset) != self.cepo_lambda_offset or self.cepo_lambda_offset < 0:
             raise ValueError(f"cepo_lambda_offset must be an int >= 0, got "
                              f"{self.cepo_lambda_offset}")
-        if not 0.0 <= self.cepo_eps_w < 1.0:
-            raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
+        check_eps_w(self.cepo_eps_w, "cepo_eps_w")
         if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:
             raise ValueError(f"cepo_num_neg must be an int >= 1, got {self.cepo_num_neg}")
         for name in ("cepo_min_pixels", "cepo_max_pixels"):
