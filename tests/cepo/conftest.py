@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cepo.batch import collate
-from cepo.data import VISUAL_KINDS, EncodedPrompt, encode_prompt, synthetic_dataset
+from cepo.data import EncodedPrompt, encode_prompt
 from cepo.grading import Grader
 from cepo.models import load_model, load_processor
+from cepo.offline.synthetic import VISUAL_KINDS, synthetic_dataset
+from cepo.offline.tiny import build_tiny_model
+from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 from cepo.rollout import RolloutConfig, Rollouts
-from cepo.tiny import build_tiny_model
-from cepo.warmup import WarmupConfig, build_warm_tiny
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +120,7 @@ def warm_dir(tmp_path_factory, tiny_dir) -> str:
 @pytest.fixture(scope="session")
 def text_warm_dir(tmp_path_factory) -> str:
     """The tiny text-only Qwen3, briefly warmed up on the chain sums without images."""
-    from cepo.tiny_text import build_tiny_text_model
+    from cepo.offline.tiny_text import build_tiny_text_model
 
     base = build_tiny_text_model(tmp_path_factory.mktemp("tiny-text") / "base")
     path = tmp_path_factory.mktemp("text-warm") / "tiny-text"

@@ -107,12 +107,12 @@ def test_engine_choice():
 def test_policy_weights_fold_lora_without_touching_the_base(text_warm_dir):
     """What the vLLM engine is sent equals peft's own merge, under the base model's names, and
     the trainer's base weights stay as they were."""
-    from cepo.config import LoraSettings
+    from cepo.config import AdapterConfig
     from cepo.lora import apply_lora
 
     base = load_model(text_warm_dir, device="cpu", dtype=torch.float32)
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = apply_lora(base, LoraSettings(enabled=True))
+    model = apply_lora(base, AdapterConfig(enabled=True))
     torch.manual_seed(0)
     for n, p in model.named_parameters():
         if "lora_B" in n:

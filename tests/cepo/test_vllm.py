@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 import cepo.train as train_module
-from cepo.config import LoraSettings
+from cepo.config import AdapterConfig
 from cepo.data import encode_prompt, load_split
 from cepo.lora import apply_lora
 from cepo.metrics import read
@@ -112,7 +112,7 @@ def test_weight_sync_after_a_training_step(engine, text_warm_dir, prompts, lora)
     model = load_model(text_warm_dir, device="cpu", dtype=torch.float32)
     if lora:
         torch.manual_seed(0)
-        model = apply_lora(model, LoraSettings(enabled=True))
+        model = apply_lora(model, AdapterConfig(enabled=True))
     else:
         model.requires_grad_(True)
     stale = load_model(text_warm_dir, device="cpu", dtype=torch.float32)

@@ -28,7 +28,7 @@ def _engine(model_dir, processor, model, **config):
 def test_bf16_sleep_wake_and_weight_sync(text_warm_dir):
     """Asleep, the engine holds (almost) no GPU memory; awake, it samples from the policy's
     current bf16 weights (log-probs equal the trainer's within bf16 rounding)."""
-    from cepo.config import LoraSettings
+    from cepo.config import AdapterConfig
     from cepo.data import encode_prompt, load_split
     from cepo.lora import apply_lora
     from cepo.models import load_model, load_processor
@@ -37,7 +37,7 @@ def test_bf16_sleep_wake_and_weight_sync(text_warm_dir):
 
     processor = load_processor(text_warm_dir)
     model = apply_lora(load_model(text_warm_dir, device="cuda", dtype=torch.bfloat16),
-                       LoraSettings(enabled=True))
+                       AdapterConfig(enabled=True))
     prompts = [encode_prompt(processor, e) for e in load_split("synthetic-text", "val", limit=4)]
     engine = _engine(text_warm_dir, processor, model, sleep=True, gpu_memory_utilization=0.2)
     try:
@@ -57,10 +57,11 @@ def test_bf16_sleep_wake_and_weight_sync(text_warm_dir):
 def test_qwen3_vl_with_images_greedy_equals_hf(tmp_path):
     """Qwen3-VL prompts go in with their (pre-resized) images: greedy ids equal HF's, so the
     contexts scored later are the ones sampled."""
-    from cepo.data import encode_prompt, synthetic_dataset
+    from cepo.data import encode_prompt
+    from cepo.offline.synthetic import synthetic_dataset
     from cepo.models import load_model, load_processor
     from cepo.rollout import HFRolloutEngine, RolloutConfig
-    from cepo.warmup import WarmupConfig, build_warm_tiny
+    from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 
     model_dir = str(build_warm_tiny(tmp_path / "warm", WarmupConfig(steps=150)))
     processor = load_processor(model_dir)

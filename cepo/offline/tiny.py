@@ -130,7 +130,7 @@ def build_tiny_model(
 
 def tiny_tokenizer(vocab: Vocab):
     """(tokenizer, special token -> id, model vocab size) of a tiny vocabulary; shared by the
-    tiny text-only model (`cepo.tiny_text`)."""
+    tiny text-only model (`cepo.offline.tiny_text`)."""
     from transformers import Qwen2Tokenizer
 
     base_vocab, merges = _qwen_bpe() if vocab == "qwen" else _mini_bpe()

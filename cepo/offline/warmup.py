@@ -16,18 +16,20 @@ On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer
     CEPO weights carry signal;
   * `boxed_fraction` of the targets box the answer, the rest state it plainly.
 
-Other synthetic kinds (`cepo.data.VISUAL_KINDS`) get ``"The answer is \\boxed{X}."`` targets.
+Other synthetic kinds (`cepo.offline.synthetic.VISUAL_KINDS`) get
+``"The answer is \\boxed{X}."`` targets.
 
-The recipe is model-agnostic: `kind` ``"text"`` warms the tiny text-only Qwen3 (`cepo.tiny_text`)
+The recipe is model-agnostic: `kind` ``"text"`` warms the tiny text-only Qwen3 (`cepo.offline.tiny_text`)
 on the same chain sums without images (``"tiny-text"`` as a model name), cached next to it as
 tiny-qwen3-text-mini-warm-v<N>.
 
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
-like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
-``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
+like `cepo.offline.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)
+/tiny-qwen3-vl-mini-warm-v<N>.
+``"tiny-warm"`` as a model name (registered by `cepo.offline`) builds it on first use, in about
 a minute of CPU time. Build it ahead of time with::
 
-    python -m cepo.warmup [--dir DIR] [--steps N] [--overwrite]
+    python -m cepo.offline.warmup [--dir DIR] [--steps N] [--overwrite]
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class WarmupConfig:
     seed: int = 0  # tiny model init, target choices, batch order
 
 
-KINDS = ("vl", "text")  # the tiny Qwen3-VL (cepo.tiny) or the tiny text-only Qwen3
+KINDS = ("vl", "text")  # the tiny Qwen3-VL (cepo.offline.tiny) or the tiny text-only Qwen3
 
 
 def default_warm_dir(kind: str = "vl") -> Path:
@@ -83,9 +85,9 @@ def build_warm_tiny(
     """Build (or reuse) the warmed-up tiny Qwen3-VL (`kind` "vl") or text-only Qwen3 ("text")
     in `directory`; returns the directory.
 
-    `base` is the random tiny model to start from (default: `cepo.tiny.build_tiny_model`'s
-    cached one, or `cepo.tiny_text.build_tiny_text_model`'s for "text"). Written to a temporary
-    sibling and renamed into place, so concurrent processes
+    `base` is the random tiny model to start from (default: `cepo.offline.tiny.build_tiny_model`'s
+    cached one, or `cepo.offline.tiny_text.build_tiny_text_model`'s for "text"). Written to a
+    temporary sibling and renamed into place, so concurrent processes
     (several trainer ranks, test workers) never load a half-written checkpoint.
     """
     if kind not in KINDS:
@@ -111,8 +113,9 @@ def build_warm_tiny(
 
 def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None,
              kind: str = "vl") -> None:
-    from cepo.batch import collate
-    from cepo.data import chain_solution, chain_terms, encode_prompt, load_split
+    from cepo.batch import collate, response_labels
+    from cepo.contexts import hint_ids
+    from cepo.data import encode_prompt, without_images
     from cepo.models import (
         load_model,
         load_processor,
@@ -120,9 +123,9 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
         response_hidden,
         save_processor_files,
     )
-    from cepo.teachers import hint_ids
-    from cepo.tiny import build_tiny_model
-    from cepo.tiny_text import build_tiny_text_model
+    from cepo.offline.synthetic import chain_solution, chain_terms, synthetic_dataset
+    from cepo.offline.tiny import build_tiny_model
+    from cepo.offline.tiny_text import build_tiny_text_model
     from cepo_kernels import fused_linear_logprobs
 
     clock = time.perf_counter()
@@ -134,8 +137,10 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
     tokenizer = processor.tokenizer
     torch.manual_seed(config.seed)
     model = load_model(str(base), device="cpu", dtype=torch.float32).train()
-    source = "synthetic" if kind == "vl" else "synthetic-text"
-    prompts = [encode_prompt(processor, e) for e in load_split(source, "train", seed=config.seed)]
+    examples = synthetic_dataset("train", seed=config.seed)
+    if kind == "text":
+        examples = without_images(examples)
+    prompts = [encode_prompt(processor, e) for e in examples]
     rng = random.Random(f"cepo-warmup/{config.seed}")
     by_kind: dict[int, list[str]] = {}
     for i, p in enumerate(prompts):
@@ -193,7 +198,7 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
         inputs = collate([p for p, _ in rows], tokenizer.pad_token_id, response, mask)
         hidden = response_hidden(model, inputs, width)  # [B, T, D]
         weight, bias = output_head(model)
-        labels = response.masked_fill(mask == 0, -100)
+        labels = response_labels(response, mask)
         logprobs = fused_linear_logprobs(hidden, weight, labels, bias=bias).logprobs
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +213,7 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cepo.warmup",
+    parser = argparse.ArgumentParser(prog="python -m cepo.offline.warmup",
                                      description="Build the warmed-up tiny model (offline).")
     parser.add_argument("--kind", choices=KINDS, default="vl",
                         help="vl: tiny Qwen3-VL (tiny-warm); text: tiny Qwen3 (tiny-text)")
