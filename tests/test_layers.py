@@ -140,7 +140,7 @@ def test_cycle_finder_reports_a_circle():
 
 def test_offline_names_come_from_the_offline_kit_only():
     """At run time too: importing the core registers nothing and loads no offline module;
-    importing `cepo.offline` registers tiny, tiny-warm and synthetic (built only on use)."""
+    importing `cepo.offline` registers the tiny models and synthetic sets (built only on use)."""
     code = (
         "import sys\n"
         "import cepo.data, cepo.models, cepo.scoring, cepo.experience\n"
@@ -149,8 +149,8 @@ def test_offline_names_come_from_the_offline_kit_only():
         "assert not [m for m in sys.modules if m.startswith('cepo.offline')]\n"
         "import cepo.offline\n"
         "names = registered()\n"
-        "assert {'tiny', 'tiny-mini', 'tiny-qwen', 'tiny-warm'} <= set(names['models']), names\n"
-        "assert names['datasets'] == ['synthetic'], names\n"
+        "assert names['models'] == ['tiny', 'tiny-mini', 'tiny-qwen', 'tiny-text', 'tiny-warm']\n"
+        "assert names['datasets'] == ['synthetic', 'synthetic-text'], names\n"
         "assert 'cepo.offline.warmup' not in sys.modules  # built on first use only\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
