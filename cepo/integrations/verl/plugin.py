@@ -2,7 +2,7 @@
 
 verl logs a plug-in that fails to import only at DEBUG level, so a broken install would surface
 much later as "Unknown trainer 'cepo'". This module logs the failure at WARNING with its cause
-first, keeps it in `LOAD_ERROR`, and re-raises for verl to see.
+and traceback, and re-raises for verl to see.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 
 logger = logging.getLogger(__name__)
-
-LOAD_ERROR: BaseException | None = None
 
 
 def register() -> None:
@@ -28,7 +26,6 @@ def register() -> None:
 try:
     register()
 except Exception as err:  # noqa: BLE001 - reported, then re-raised
-    LOAD_ERROR = err
     logger.warning("the CEPO plug-in for verl did not load, so algorithm.adv_estimator=cepo and "
                    "trainer.v1.trainer_mode=cepo are unavailable: %s: %s",
                    type(err).__name__, err, exc_info=True)

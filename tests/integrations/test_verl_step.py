@@ -1,0 +1,144 @@
+"""The CEPO advantage step on verl-shaped rows (`cepo.integrations.verl.step`, no verl needed):
+r- choice per uid, the teacher-row layout, Â against the written-out formula, the fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cepo.errors import ConfigError
+from cepo.grading import extract_boxed
+from cepo.integrations.verl.options import options_from_config
+from cepo.integrations.verl.step import Rows, plan_teachers, reweight, teacher_fields
+from tests.integrations.verl_helpers import (
+    GROUPS,
+    CharTokenizer,
+    expected_a_hat,
+    expected_grpo,
+    verl_rows,
+)
+
+TOK = CharTokenizer()
+
+
+def make_rows(seed: int = 0) -> tuple[Rows, list[dict]]:
+    raw = verl_rows(TOK)
+    width = max(len(r["responses"]) for r in raw)
+    adv = torch.zeros(len(raw), width)
+    by_group: dict[str, list[int]] = {}
+    for i, r in enumerate(raw):
+        by_group.setdefault(r["uid"], []).append(i)
+    for ix in by_group.values():
+        ix = sorted(ix, key=lambda i: raw[i]["key"])
+        for i, a in zip(ix, expected_grpo([float(raw[i]["rm_scores"].sum()) for i in ix])):
+            adv[i, : len(raw[i]["responses"])] = a * raw[i]["response_mask"]
+    student = -torch.rand(len(raw), width, generator=torch.Generator().manual_seed(seed)) * 3
+    texts = TOK.batch_decode([r["responses"].tolist() for r in raw])
+    rows = Rows(
+        uids=[r["uid"] for r in raw], prompts=[r["prompts"] for r in raw],
+        responses=[r["responses"] for r in raw], response_mask=[r["response_mask"] for r in raw],
+        advantages=adv, student_logprobs=student,
+        scores=torch.tensor([float(r["rm_scores"].sum()) for r in raw]),
+        ground_truths=[r["reward_model"]["ground_truth"] for r in raw],
+        answers=[extract_boxed(t) for t in texts],
+        accuracy=[r["extra_fields"]["reward_extra_info"]["acc"] for r in raw], texts=texts,
+        order=[int(r["key"].split("_")[1]) for r in raw])
+    return rows, raw
+
+
+def fake_logprobs(plan, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.rand(len(r.responses), generator=g) * 3 for r in plan.rows]
+
+
+def test_wrong_answer_choice_per_uid_in_any_row_order():
+    rows, _ = make_rows()
+    plan = plan_teachers(rows, options_from_config({}), TOK)
+    # g0: the two rejected rollouts tie on reward; the first sampled one ("5") wins
+    assert plan.wrong == {"g0": ["5"], "g1": [], "g2": []}
+
+
+def test_teacher_rows_are_prompt_hint_response_positive_rows_first():
+    rows, raw = make_rows()
+    plan = plan_teachers(rows, options_from_config({}), TOK)
+    scored = [i for i, r in enumerate(raw) if r["uid"] in ("g0", "g1")]  # g2 has A = 0
+    assert plan.scored.nonzero().flatten().tolist() == scored
+    kinds = [(r.kind, r.source) for r in plan.rows]
+    with_neg = [i for i in scored if raw[i]["uid"] == "g0"]
+    assert kinds == [("pos", i) for i in scored] + [("neg0", i) for i in with_neg]
+    fields = teacher_fields(plan)
+    for row, ids, pos in zip(plan.rows, fields["input_ids"], fields["position_ids"]):
+        src = raw[row.source]
+        answer = GROUPS[src["uid"]][1] if row.kind == "pos" else "5"
+        expected = torch.cat([src["prompts"], TOK.encode(" " + answer), src["responses"]])
+        assert torch.equal(ids, expected)
+        assert torch.equal(pos, torch.arange(len(expected)))
+        assert torch.equal(row.response_mask, src["response_mask"])
+
+
+@pytest.mark.parametrize("fallback", ["student", "positive"])
+def test_a_hat_matches_the_formula_with_fallback_groups(fallback):
+    rows, raw = make_rows()
+    options = options_from_config({"neg_fallback": fallback, "eps_w": 0.3})
+    plan = plan_teachers(rows, options, TOK)
+    lps = fake_logprobs(plan)
+    result = reweight(rows, plan, lps, options, lam=0.4)
+    pos = {r.source: lp for r, lp in zip(plan.rows, lps) if r.kind == "pos"}
+    neg = {r.source: lp for r, lp in zip(plan.rows, lps) if r.kind == "neg0"}
+    for i, r in enumerate(raw):
+        t = len(r["responses"])
+        mask = r["response_mask"].bool()
+        a = float(rows.advantages[i, :t][mask][0])
+        got = result.advantages[i, :t]
+        if r["uid"] == "g2":  # A = 0: no teachers, Â = 0
+            assert torch.equal(got, torch.zeros(t))
+            continue
+        if i in neg:
+            t_neg = neg[i]
+        else:  # g1: no r-
+            t_neg = rows.student_logprobs[i, :t] if fallback == "student" else pos[i]
+        want = torch.where(mask, expected_a_hat(a, pos[i], t_neg, 0.4, 0.3), 0.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert result.metrics["cepo/rows_fallback"] == 3.0  # the three rows of g1
+    assert result.metrics["cepo/frac_groups_with_neg"] == 0.5  # g0 of the mixed g0, g1
+
+
+def test_rlsd_scores_only_the_positive_teacher():
+    rows, _ = make_rows()
+    options = options_from_config({"algo": "rlsd"})
+    plan = plan_teachers(rows, options, TOK)
+    assert {r.kind for r in plan.rows} == {"pos"}
+    assert options.eps_w == 0.2 and options.lam(1) == pytest.approx(0.48)  # the RLSD defaults
+    result = reweight(rows, plan, fake_logprobs(plan), options, lam=0.48)
+    assert torch.equal(result.neg_logprobs, rows.student_logprobs)
+
+
+def test_two_wrong_answers_mix_as_logmeanexp():
+    rows, _ = make_rows()
+    options = options_from_config({"num_neg": 2})
+    plan = plan_teachers(rows, options, TOK)
+    assert plan.wrong["g0"] == ["5", "6"]
+    lps = fake_logprobs(plan)
+    result = reweight(rows, plan, lps, options, lam=0.5)
+    (i, *_), = [[r.source for r in plan.rows if r.kind == "neg0"]]
+    n0 = next(lp for r, lp in zip(plan.rows, lps) if r.kind == "neg0" and r.source == i)
+    n1 = next(lp for r, lp in zip(plan.rows, lps) if r.kind == "neg1" and r.source == i)
+    want = torch.log((n0.double().exp() + n1.double().exp()) / 2)
+    torch.testing.assert_close(result.neg_logprobs[i, : len(n0)].double(), want)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ConfigError, match="cepo.lam_0"):
+        options_from_config({"lam_0": 0.3})
+    with pytest.raises(ConfigError, match="neg_choice"):
+        options_from_config({"neg_choice": "best"})
+    with pytest.raises(ConfigError, match="cepo.algo"):
+        options_from_config({"algo": "grpo"})
+
+
+def test_wrong_number_of_teacher_logprobs_is_refused():
+    rows, _ = make_rows()
+    options = options_from_config({})
+    plan = plan_teachers(rows, options, TOK)
+    with pytest.raises(ValueError, match="teacher log-prob rows"):
+        reweight(rows, plan, fake_logprobs(plan)[:-1], options, lam=0.5)
