@@ -121,6 +121,13 @@ def make_trainer(model, tq, global_steps: int, *overrides: str):
     return trainer
 
 
+def teacher_logprobs(model, row: dict, answer: str) -> torch.Tensor:
+    """[T] log-probs of the response after prompt + " answer", from a plain forward."""
+    ids = torch.cat([row["prompts"], TOK.encode(" " + answer), row["responses"]])
+    t = len(row["responses"])
+    return sequence_logprobs(model, ids)[len(ids) - t - 1: len(ids) - 1]
+
+
 def read_advantages(tq, batch) -> list[torch.Tensor]:
     data = tq.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["advantages"])
     return list(data["advantages"].unbind())
@@ -167,13 +174,9 @@ def test_cepo_step_one_logprob_call_and_a_hat(tq, model):
                 assert torch.equal(got[i], torch.zeros(len(mask)))
                 continue
 
-            def teacher(answer):
-                ids = torch.cat([r["prompts"], TOK.encode(" " + answer), r["responses"]])
-                return sequence_logprobs(model, ids)[len(ids) - len(mask) - 1: len(ids) - 1]
-
-            pos = teacher(GROUPS[r["uid"]][1])
+            pos = teacher_logprobs(model, r, GROUPS[r["uid"]][1])
             # g1 has no boxed wrong answer: T- is the student (RLSD for that group)
-            neg = teacher("5") if i in with_neg else r["old_log_probs"]
+            neg = teacher_logprobs(model, r, "5") if i in with_neg else r["old_log_probs"]
             want = torch.where(mask, expected_a_hat(a[i], pos, neg, lam, 0.5), 0.0)
             torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)
         assert metrics["cepo/rows_fallback"] == 3.0

@@ -25,7 +25,7 @@ def register() -> None:
 
 try:
     register()
-except Exception as err:  # noqa: BLE001 - reported, then re-raised
+except Exception as err:  # reported, then re-raised for verl
     logger.warning("the CEPO plug-in for verl did not load, so algorithm.adv_estimator=cepo and "
                    "trainer.v1.trainer_mode=cepo are unavailable: %s: %s",
                    type(err).__name__, err, exc_info=True)
