@@ -142,3 +142,54 @@ def test_wrong_number_of_teacher_logprobs_is_refused():
     plan = plan_teachers(rows, options, TOK)
     with pytest.raises(ValueError, match="teacher log-prob rows"):
         reweight(rows, plan, fake_logprobs(plan)[:-1], options, lam=0.5)
+
+
+def rope_index(ids: list[int], image_token: int, grid: list[int]) -> torch.Tensor:
+    """[3, L] M-RoPE positions from transformers' own Qwen3-VL rope index (spatial merge 2)."""
+    import functools
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    owner = SimpleNamespace(config=SimpleNamespace(
+        vision_config=SimpleNamespace(spatial_merge_size=2)))
+    owner.get_vision_position_ids = functools.partial(Qwen3VLModel.get_vision_position_ids, owner)
+    x = torch.tensor([ids])
+    pos, _ = Qwen3VLModel.get_rope_index(owner, x, (x == image_token).int(),
+                                        image_grid_thw=torch.tensor([grid]))
+    return pos[:, 0]
+
+
+def test_teacher_positions_are_the_rope_index_of_the_longer_prompt():
+    """A teacher row keeps the student's image: its M-RoPE positions (verl stores a text row
+    above the three M-RoPE rows) must be what the model's rope index gives prompt + hint."""
+    from cepo.integrations.verl.step import teacher_position_ids
+
+    img = 7
+    prompt = [10, 11, 3] + [img] * 6 + [4, 12, 13]  # a 1x4x6 patch grid: 2x3 merged tokens
+    hint, response = [30, 31, 32], [20, 21, 22, 23]
+    student = rope_index(prompt + response, img, [1, 4, 6])
+    want = rope_index(prompt + hint + response, img, [1, 4, 6])
+    assert not torch.equal(want[1], torch.arange(want.shape[1]))  # really a 2-D image grid
+    got = teacher_position_ids(student, len(prompt), len(hint), len(response))
+    assert torch.equal(got, want)
+    text_row = torch.arange(student.shape[1])[None]
+    got4 = teacher_position_ids(torch.cat([text_row, student]), len(prompt), len(hint),
+                                len(response))
+    assert torch.equal(got4, torch.cat([torch.arange(want.shape[1])[None], want]))
+    assert torch.equal(teacher_position_ids(None, 3, 2, 4), torch.arange(9))
+    broken = student.clone()
+    broken[:, -1] += 5
+    with pytest.raises(ValueError, match="not consecutive"):
+        teacher_position_ids(broken, len(prompt), len(hint), len(response))
+
+
+def test_teacher_rows_keep_the_images():
+    rows, raw = make_rows()
+    images = [{"pixel_values": torch.full((4, 3), float(i)), "image_grid_thw":
+               torch.tensor([[1, 2, 2]])} for i in range(len(raw))]
+    rows.multi_modal_inputs = images
+    plan = plan_teachers(rows, options_from_config({}), TOK)
+    fields = teacher_fields(plan)
+    assert [m["pixel_values"][0, 0].item() for m in fields["multi_modal_inputs"]] == \
+        [float(r.source) for r in plan.rows]

@@ -77,11 +77,14 @@ class StandInActor:
     def compute_log_prob(self, meta):
         from tensordict import TensorDict
 
+        fields = ["input_ids", "position_ids", "multi_modal_inputs"]
         data = self.tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id,
-                                    select_fields=["input_ids", "position_ids"])
+                                    select_fields=fields)
         ids = list(data["input_ids"].unbind())
         self.calls.append({"keys": list(meta.keys), "extra_info": dict(meta.extra_info),
-                           "input_ids": ids})
+                           "input_ids": ids, "position_ids": list(data["position_ids"].unbind()),
+                           "multi_modal_inputs": list(data["multi_modal_inputs"])
+                           if "multi_modal_inputs" in data.keys() else None})
         temperature = meta.extra_info.get("temperature", 1.0)
         out = [sequence_logprobs(self.model, row, temperature) for row in ids]
         self.tq.kv_batch_put(keys=meta.keys, partition_id=meta.partition_id, fields=TensorDict(
@@ -90,23 +93,52 @@ class StandInActor:
         return meta
 
 
-def put_batch(tq, model):
-    """The batch verl hands the advantage step: rollouts, scores and old log-probs."""
+def put_batch(tq, model, vision: bool = False):
+    """The batch verl hands the advantage step: rollouts, scores and old log-probs; with
+    ``vision``, verl's Qwen-VL layout: a text row above three M-RoPE rows, and per-row images."""
     from tensordict import TensorDict
     from transfer_queue import KVBatchMeta
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     rows = verl_rows(TOK)
     keys = [r.pop("key") for r in rows]
-    for r in rows:
+    for n, r in enumerate(rows):
         r["old_log_probs"] = sequence_logprobs(model, r["input_ids"])[
             len(r["prompts"]) - 1: len(r["input_ids"]) - 1]
+        if vision:  # positions as if the prompt's first 3 tokens were an image (shifted rows)
+            length = len(r["input_ids"])
+            r["position_ids"] = torch.stack([torch.arange(length)] + [
+                torch.arange(length) + 7 * k for k in range(3)])
+            r["multi_modal_inputs"] = {"pixel_values": torch.full((4, 6), float(n)),
+                                       "image_grid_thw": torch.tensor([[1, 2, 2]])}
     tags = [{"status": "success", "seq_len": len(r["input_ids"])} for r in rows]
     tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(rows),
                     tags=tags)
     assert isinstance(tq.kv_batch_get(keys=keys[:1], partition_id="train",
                                       select_fields=["prompts"]), TensorDict)
     return KVBatchMeta(keys=keys, tags=tags, partition_id="train"), rows
+
+
+def test_vision_rows_keep_images_and_positions(tq, model):
+    """Teacher rows of an image prompt carry its images and continue its positions."""
+    batch, rows = put_batch(tq, model, vision=True)
+    try:
+        trainer = make_trainer(model, tq, 1)
+        trainer._compute_advantage(batch, {})
+        (call,) = trainer.actor_rollout_wg.calls
+        plan_rows = trainer.cepo_last_plan.rows
+        assert len(call["position_ids"]) == len(plan_rows)
+        for row, ids, pos, mm in zip(plan_rows, call["input_ids"], call["position_ids"],
+                                     call["multi_modal_inputs"]):
+            src = rows[row.source]
+            p = len(src["prompts"])
+            assert pos.shape == (4, len(ids))
+            assert torch.equal(pos[:, :p], src["position_ids"][:, :p])  # the image's positions
+            start = src["position_ids"][:, p:p + 1]
+            assert torch.equal(pos[:, p:], start + torch.arange(len(ids) - p))
+            assert torch.equal(mm["pixel_values"], src["multi_modal_inputs"]["pixel_values"])
+    finally:
+        tq.kv_clear(keys=batch.keys, partition_id="train")
 
 
 def make_trainer(model, tq, global_steps: int, *overrides: str):

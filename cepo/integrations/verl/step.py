@@ -10,6 +10,8 @@ grouped by ``uid``, in any order. This module
        student:   prompt                 | response
        teacher:   prompt + hint(answer)  | response      hint = `hint_ids(template, answer)`
 
+   (image-aware: a teacher row keeps the student's images and the prompt's positions),
+
 3. reweights the group advantage A with `cepo_kernels.cepo_advantages` from the teachers'
    log-probs. A group without a usable r- takes the student as T- (``neg_fallback="student"``:
    RLSD for that group) or T+ (``"positive"``: Δ = 0, A unchanged); ``algo="rlsd"`` always takes
@@ -49,6 +51,9 @@ class Rows:
     accuracy: list[float]  # grader verdict, 0 = rejected
     texts: list[str]  # decoded responses (the reference r- choice reads them)
     order: list[int] = field(default_factory=list)  # sampling index within the group
+    # per row [L_i] or, for M-RoPE models, [D, L_i] positions of prompt + response (None: text)
+    position_ids: list[torch.Tensor] | None = None
+    multi_modal_inputs: list[dict] | None = None  # per row, copied to its teacher rows
 
     def __post_init__(self):
         n = len(self.uids)
@@ -85,6 +90,8 @@ class TeacherRow:
     prompts: torch.Tensor
     responses: torch.Tensor
     response_mask: torch.Tensor
+    position_ids: torch.Tensor  # [L] or [D, L] of prompt + hint + response
+    multi_modal_inputs: dict | None = None  # the student row's (its images), unchanged
 
 
 @dataclass
@@ -118,9 +125,13 @@ def plan_teachers(rows: Rows, options: VerlCEPOOptions, tokenizer) -> TeacherPla
     def hinted(i: int, answer: str, kind: str) -> TeacherRow:
         if answer not in hints:
             hints[answer] = hint_ids(tokenizer, cfg.hint_template, answer)
-        prompt = rows.prompts[i]
-        return TeacherRow(i, kind, torch.cat([prompt, hints[answer].to(prompt.dtype)]),
-                          rows.responses[i], rows.response_mask[i])
+        prompt, hint, response = rows.prompts[i], hints[answer], rows.responses[i]
+        student = rows.position_ids[i] if rows.position_ids is not None else None
+        mm = rows.multi_modal_inputs[i] if rows.multi_modal_inputs is not None else None
+        return TeacherRow(i, kind, torch.cat([prompt, hint.to(prompt.dtype)]), response,
+                          rows.response_mask[i],
+                          teacher_position_ids(student, len(prompt), len(hint), len(response)),
+                          mm or None)
 
     active = scored.nonzero().flatten().tolist()
     out = [hinted(i, str(rows.ground_truths[i]), "pos") for i in active]
@@ -130,9 +141,35 @@ def plan_teachers(rows: Rows, options: VerlCEPOOptions, tokenizer) -> TeacherPla
     return TeacherPlan(out, wrong, scored)
 
 
-def teacher_fields(plan: TeacherPlan) -> dict[str, list[torch.Tensor]]:
-    """The teacher rows as verl's agent loop stores a text rollout (unpadded 1-D tensors)."""
-    fields: dict[str, list[torch.Tensor]] = {k: [] for k in (
+def teacher_position_ids(student: torch.Tensor | None, prompt_len: int, hint_len: int,
+                         response_len: int) -> torch.Tensor:
+    """Positions of prompt + hint + response from the student row's positions.
+
+    The prompt keeps its own (with M-RoPE, the image's grid positions: the images are the
+    student's); the hint and the response are text after the prompt, so every position row
+    continues one step per token from where the student's response started. That is what the
+    model's rope index gives for the longer prompt, without the processor; a student row whose
+    response positions are not such a run is refused.
+    """
+    total = prompt_len + hint_len + response_len
+    if student is None:
+        return torch.arange(total, dtype=torch.int64)
+    flat = student.reshape(-1, student.shape[-1])  # [D, Lp + T]
+    if flat.shape[1] != prompt_len + response_len or response_len == 0:
+        raise ValueError(f"position_ids of shape {tuple(student.shape)} do not cover a prompt of "
+                         f"{prompt_len} and a response of {response_len} tokens")
+    start = flat[:, prompt_len: prompt_len + 1]  # [D, 1] the first response token's
+    if not torch.equal(flat[:, prompt_len:], start + torch.arange(response_len)):
+        raise ValueError("the response's position_ids are not consecutive text positions: cannot "
+                         "place a hint before it")
+    out = torch.cat([flat[:, :prompt_len], start + torch.arange(hint_len + response_len)], dim=1)
+    return out.reshape(*student.shape[:-1], total).to(student.dtype)
+
+
+def teacher_fields(plan: TeacherPlan) -> dict[str, list]:
+    """The teacher rows as verl's agent loop stores a rollout (unpadded tensors per row, plus
+    ``multi_modal_inputs`` when the rows have images)."""
+    fields: dict[str, list] = {k: [] for k in (
         "prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids")}
     for row in plan.rows:
         ids = torch.cat([row.prompts, row.responses.to(row.prompts.dtype)])
@@ -141,7 +178,9 @@ def teacher_fields(plan: TeacherPlan) -> dict[str, list[torch.Tensor]]:
         fields["response_mask"].append(row.response_mask)
         fields["loss_mask"].append(row.response_mask)
         fields["input_ids"].append(ids)
-        fields["position_ids"].append(torch.arange(ids.numel(), dtype=torch.int64))
+        fields["position_ids"].append(row.position_ids)
+    if any(row.multi_modal_inputs for row in plan.rows):
+        fields["multi_modal_inputs"] = [row.multi_modal_inputs or {} for row in plan.rows]
     return fields
 
 

@@ -4,10 +4,11 @@ driver, turns the group advantage into CEPO's Â (docs/METHOD.md, "Advantages").
 The step runs after verl's own advantage computation (``algorithm.adv_estimator=cepo``, the
 project's GRPO A) and before the actor update:
 
-1. read prompts, responses, masks, group ids, scores, ground truths, the grader's verdicts and
-   the old log-probs of the batch from TransferQueue; decode the responses and extract their
-   final answers with the project's `extract_boxed`;
-2. choose r- and lay out the T+ and T- rows (`step.plan_teachers`), put them in a partition of
+1. read prompts, responses, masks, group ids, scores, ground truths, the grader's verdicts, the
+   old log-probs, positions and multimodal inputs of the batch from TransferQueue; decode the
+   responses and extract their final answers with the project's `extract_boxed`;
+2. choose r- and lay out the T+ and T- rows (`step.plan_teachers`; a vision row keeps its images
+   and its prompt's M-RoPE positions, `step.teacher_position_ids`), put them in a partition of
    their own and score them all in ONE ``actor_rollout_wg.compute_log_prob`` call (the actor's
    current weights; ``teacher_model=base`` adds ``no_lora_adapter``);
 3. reweight with `cepo_kernels.cepo_advantages` (`step.reweight`), λ from ``global_steps`` (so a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from tensordict import TensorDict
+from tensordict import NonTensorData, NonTensorStack, TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.transferqueue_utils import tq
@@ -83,9 +84,6 @@ def cepo_advantage_step(trainer, batch, metrics: dict):
     metrics["cepo/lambda"] = lam
     if lam == 0 or len(batch.keys) == 0:
         return batch
-    if getattr(trainer, "processor", None) is not None:
-        raise NotImplementedError("trainer.v1.trainer_mode=cepo builds text teacher rows; "
-                                  "vision-language models are not supported in verl yet")
     rows = read_rows(batch, options, trainer.tokenizer)
     plan = plan_teachers(rows, options, trainer.tokenizer)
     logprobs = score_teachers(trainer, batch, plan, options) if plan.rows else []
@@ -96,12 +94,12 @@ def cepo_advantage_step(trainer, batch, metrics: dict):
                         batch_size=len(batch.keys))
     tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
     metrics.update(result.metrics)
-    trainer.cepo_last = result
+    trainer.cepo_last, trainer.cepo_last_plan = result, plan
     return batch
 
 
 READ_FIELDS = ("uid", "prompts", "responses", "response_mask", "rm_scores", "advantages",
-               "old_log_probs", "extra_fields")
+               "old_log_probs", "extra_fields", "position_ids", "multi_modal_inputs")
 
 
 def read_rows(batch, options: VerlCEPOOptions, tokenizer) -> Rows:
@@ -126,6 +124,9 @@ def read_rows(batch, options: VerlCEPOOptions, tokenizer) -> Rows:
                 else float(s >= options.correct_score) for inf, s in zip(info, scores.tolist())]
     truths = [_dig(v, path) for v in data[top]]
     texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+    present = set(data.keys())
+    mm = [m.data if isinstance(m, NonTensorData) else m for m in data["multi_modal_inputs"]] \
+        if "multi_modal_inputs" in present else None
     return Rows(
         uids=[str(u) for u in data["uid"]],
         prompts=list(data["prompts"].unbind()),
@@ -139,6 +140,8 @@ def read_rows(batch, options: VerlCEPOOptions, tokenizer) -> Rows:
         accuracy=accuracy,
         texts=texts,
         order=[_session(k) for k in batch.keys],
+        position_ids=list(data["position_ids"].unbind()) if "position_ids" in present else None,
+        multi_modal_inputs=mm,
     )
 
 
@@ -155,7 +158,8 @@ def score_teachers(trainer, batch, plan, options: VerlCEPOOptions) -> list[torch
     tags = [{"status": "success", "prompt_len": len(p), "response_len": len(r),
              "seq_len": len(p) + len(r)}
             for p, r in zip(fields["prompts"], fields["responses"])]
-    td = TensorDict({k: torch.nested.as_nested_tensor(v, layout=torch.jagged)
+    td = TensorDict({k: NonTensorStack(*v) if k == "multi_modal_inputs" else
+                     torch.nested.as_nested_tensor(v, layout=torch.jagged)
                      for k, v in fields.items()}, batch_size=len(keys))
     partition = options.partition
     tq.kv_batch_put(keys=keys, partition_id=partition, fields=td, tags=tags)
