@@ -193,3 +193,24 @@ def test_teacher_rows_keep_the_images():
     fields = teacher_fields(plan)
     assert [m["pixel_values"][0, 0].item() for m in fields["multi_modal_inputs"]] == \
         [float(r.source) for r in plan.rows]
+
+
+def test_image_blind_teachers_replace_the_placeholders():
+    """teacher_images=False: the reference's image-blind teacher (pad tokens, no pixels, text
+    positions in every position row)."""
+    rows, raw = make_rows()
+    img = TOK.encode("?").item()  # stands for the image placeholder token
+    rows.multi_modal_inputs = [{"pixel_values": torch.ones(4, 3)} for _ in raw]
+    rows.position_ids = [torch.stack([torch.arange(len(r["input_ids"]))] * 4) for r in raw]
+    options = options_from_config({"teacher_images": False})
+    plan = plan_teachers(rows, options, TOK, placeholder_ids=[img])
+    fields = teacher_fields(plan)
+    assert "multi_modal_inputs" not in fields
+    for row, pos in zip(plan.rows, fields["position_ids"]):
+        src = raw[row.source]["prompts"]
+        assert torch.equal(row.prompts[: len(src)], src.masked_fill(src == img, TOK.pad_token_id))
+        assert (src == img).any() and not (row.prompts == img).any()
+        assert torch.equal(pos, torch.arange(pos.shape[1]).expand(4, -1))
+    with pytest.raises(ValueError, match="placeholder"):
+        plan_teachers(rows, options, TOK)
+    assert options_from_config({"algo": "rlsd", "teacher_images": None}).teacher.teacher_images

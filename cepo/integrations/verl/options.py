@@ -19,7 +19,8 @@ from cepo.schedule import lam_at
 from cepo.teachers import TeacherConfig
 
 ALGOS = ("cepo", "rlsd")
-TEACHER_KEYS = ("hint_template", "neg_choice", "num_neg", "neg_fallback", "teacher_model")
+TEACHER_KEYS = ("hint_template", "neg_choice", "num_neg", "neg_fallback", "teacher_model",
+                "teacher_images")
 SCHEDULE_KEYS = tuple(f.name for f in dataclasses.fields(CEPOSettings))
 
 
@@ -72,6 +73,8 @@ def options_from_config(block: Mapping[str, Any] | None) -> VerlCEPOOptions:
         eps_w=DEFAULT_EPS_W[algo] if schedule.eps_w is None else schedule.eps_w,
         lam_offset=DEFAULT_LAM_OFFSET[algo] if schedule.lam_offset is None else schedule.lam_offset,
     )
+    if teacher.teacher_images is None:  # by algorithm, as python -m cepo.train resolves it
+        teacher = dataclasses.replace(teacher, teacher_images=algo != "cepo")
     rest = {k: values[k] for k in ("ground_truth_field", "accuracy_key", "correct_score",
                                     "partition") if k in values}
     return VerlCEPOOptions(algo=algo, schedule=schedule, teacher=teacher, **rest)

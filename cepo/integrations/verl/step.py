@@ -109,9 +109,17 @@ def group_rows(rows: Rows) -> dict[str, list[int]]:
     return {u: sorted(ix, key=lambda i: (rows.order[i], i)) for u, ix in groups.items()}
 
 
-def plan_teachers(rows: Rows, options: VerlCEPOOptions, tokenizer) -> TeacherPlan:
-    """r- per group and the teacher rows of every row that needs them."""
+def plan_teachers(rows: Rows, options: VerlCEPOOptions, tokenizer,
+                  placeholder_ids: Sequence[int] = ()) -> TeacherPlan:
+    """r- per group and the teacher rows of every row that needs them.
+
+    ``teacher_images=False`` gives rows with images the reference code's image-blind teachers:
+    every image/video placeholder token (`placeholder_ids`) becomes the pad token, no pixels are
+    attached and all positions are text positions.
+    """
     cfg = options.teacher
+    blind = not cfg.teacher_images
+    pad_id = getattr(tokenizer, "pad_token_id", None)
     wrong: dict[str, list[str]] = {}
     for uid, ix in group_rows(rows).items():
         wrong[uid] = select_wrong_answers(
@@ -128,10 +136,21 @@ def plan_teachers(rows: Rows, options: VerlCEPOOptions, tokenizer) -> TeacherPla
         prompt, hint, response = rows.prompts[i], hints[answer], rows.responses[i]
         student = rows.position_ids[i] if rows.position_ids is not None else None
         mm = rows.multi_modal_inputs[i] if rows.multi_modal_inputs is not None else None
+        total = len(prompt) + len(hint) + len(response)
+        if blind and mm:
+            if not placeholder_ids or pad_id is None:
+                raise ValueError("image-blind teachers (teacher_images=False) need the image "
+                                 "placeholder token ids and a tokenizer with a pad token")
+            marks = torch.tensor(list(placeholder_ids), dtype=prompt.dtype)
+            prompt = prompt.masked_fill(torch.isin(prompt, marks), pad_id)
+            positions = torch.arange(total, dtype=torch.int64)
+            if student is not None and student.dim() > 1:
+                positions = positions.expand(*student.shape[:-1], total).clone()
+            mm = None
+        else:
+            positions = teacher_position_ids(student, len(prompt), len(hint), len(response))
         return TeacherRow(i, kind, torch.cat([prompt, hint.to(prompt.dtype)]), response,
-                          rows.response_mask[i],
-                          teacher_position_ids(student, len(prompt), len(hint), len(response)),
-                          mm or None)
+                          rows.response_mask[i], positions, mm or None)
 
     active = scored.nonzero().flatten().tolist()
     out = [hinted(i, str(rows.ground_truths[i]), "pos") for i in active]

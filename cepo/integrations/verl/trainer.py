@@ -23,6 +23,7 @@ import torch
 from tensordict import NonTensorData, NonTensorStack, TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.tokenizer.tokenizer import get_processor_token_id
 from verl.utils.transferqueue_utils import tq
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
@@ -85,7 +86,7 @@ def cepo_advantage_step(trainer, batch, metrics: dict):
     if lam == 0 or len(batch.keys) == 0:
         return batch
     rows = read_rows(batch, options, trainer.tokenizer)
-    plan = plan_teachers(rows, options, trainer.tokenizer)
+    plan = plan_teachers(rows, options, trainer.tokenizer, _placeholder_ids(trainer))
     logprobs = score_teachers(trainer, batch, plan, options) if plan.rows else []
     result = reweight(rows, plan, logprobs, options, lam)
     mask = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
@@ -178,6 +179,13 @@ def score_teachers(trainer, batch, plan, options: VerlCEPOOptions) -> list[torch
     finally:
         tq.kv_clear(keys=keys, partition_id=partition)
     return list(logprobs.unbind())[:n]
+
+
+def _placeholder_ids(trainer) -> list[int]:
+    """Image and video placeholder token ids of the trainer's processor (none for text)."""
+    processor = getattr(trainer, "processor", None)
+    ids = [get_processor_token_id(processor, name) for name in ("image", "video")]
+    return [i for i in ids if i is not None]
 
 
 def _dp_size(worker_group) -> int:
