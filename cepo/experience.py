@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from cepo.advantages import group_advantages, mixed_groups
+from cepo.config import DEFAULT_EPS_W, check_eps_w
 from cepo.data import Example, encode_prompts
 from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader, check_grader
 from cepo.reward import Rewards, compute_rewards
@@ -37,7 +38,7 @@ class ExperienceConfig:
     """Settings of one experience step; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
 
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"
-    eps_w: float = 0.5
+    eps_w: float = DEFAULT_EPS_W["cepo"]  # checked by cepo.config.check_eps_w
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
     grader: str = "math_verify"  # or "mathruler" (the reference code's grader)
@@ -49,8 +50,7 @@ class ExperienceConfig:
     def __post_init__(self):
         if self.algo not in ("cepo", "rlsd", "grpo"):
             raise ValueError(f"algo must be 'cepo', 'rlsd' or 'grpo', got {self.algo!r}")
-        if not 0.0 <= self.eps_w < 1.0:
-            raise ValueError(f"eps_w must lie in [0, 1), got {self.eps_w}")
+        check_eps_w(self.eps_w, "eps_w")
         check_grader(self.grader)
 
 

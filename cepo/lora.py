@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cepo.config import LoraSettings, ModelConfig
+from cepo.config import AdapterConfig, ModelConfig
 from cepo.models import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def load_adapter(base: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mod
         return PeftModel.from_pretrained(base, str(path))
 
 
-def apply_lora(model: torch.nn.Module, settings: LoraSettings,
+def apply_lora(model: torch.nn.Module, settings: AdapterConfig,
                base_name: str | None = None) -> torch.nn.Module:
     """`model` wrapped by peft with fresh LoRA adapters (only the adapters require grad).
 
@@ -78,7 +78,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings,
     return peft_model
 
 
-def prepare_trainable(model: torch.nn.Module, lora: LoraSettings, mcfg: ModelConfig):
+def prepare_trainable(model: torch.nn.Module, lora: AdapterConfig, mcfg: ModelConfig):
     """The model to train: LoRA-wrapped, or the full model with the vision tower optionally
     frozen. Returns the model with exactly its trainable parameters requiring grad."""
     if lora.enabled:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from cepo.batch import Prefix, collate
+from cepo.config import NEG_CHOICES, REFERENCE_THRESHOLD, NegChoice, TeacherConfig
 from cepo.grading import normalize_answer
 from cepo.models import output_head, response_hidden
 from cepo.reward import Rewards
@@ -31,45 +32,6 @@ from cepo.rollout import Rollouts
 from cepo_kernels import contrastive_evidence, fused_linear_logprobs
 
 IGNORE_INDEX = -100
-NEG_CHOICES = ("worst", "most_frequent", "reference")
-NegChoice = Literal["worst", "most_frequent", "reference"]
-REFERENCE_THRESHOLD = 0.5  # the reference's "rejected": reward below this
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """How the teacher contexts are built; defaults are docs/METHOD.md, "Teachers" and "Presets"
-    (preset `paper`)."""
-
-    hint_template: str = " {answer}"  # r+ and r- always share it, so only the answer differs
-    # False: image-blind as the reference's CEPO teachers (pads for the image); None: by algorithm,
-    # False for cepo, True for rlsd (the reference's RLSD teacher sees the image)
-    teacher_images: bool | None = True  # False: image-blind (reference); None: False for cepo
-    # worst: lowest-reward rejected rollout with a boxed answer; most_frequent: the commonest
-    # wrong answer; reference: the reference code's (lowest reward below 0.5, boxed or not)
-    neg_choice: NegChoice = "worst"  # reference: the reference code's (unboxed allowed, " None")
-    num_neg: int = 1  # K wrong answers; K > 1 mixes them as logmeanexp_k (extension)
-    neg_fallback: Literal["student", "positive"] = "student"  # group without a usable r-
-    teacher_model: Literal["actor", "base"] = "actor"  # "base": peft adapters disabled
-    micro_batch_size: int = 8  # rollouts per scoring forward
-
-    def __post_init__(self):
-        if "{answer}" not in self.hint_template and self.hint_template:
-            raise ValueError(f"hint_template must contain '{{answer}}', got {self.hint_template!r}")
-        if self.neg_choice not in NEG_CHOICES:
-            raise ValueError(
-                f"neg_choice must be one of {', '.join(NEG_CHOICES)}, got {self.neg_choice!r}"
-            )
-        if self.neg_fallback not in ("student", "positive"):
-            raise ValueError(
-                f"neg_fallback must be 'student' or 'positive', got {self.neg_fallback!r}"
-            )
-        if self.teacher_model not in ("actor", "base"):
-            raise ValueError(f"teacher_model must be 'actor' or 'base', got {self.teacher_model!r}")
-        if self.num_neg < 1 or self.micro_batch_size < 1:
-            raise ValueError("num_neg and micro_batch_size must be >= 1")
-
-
 # --------------------------------------------------------------------------- choosing r-
 
 
@@ -244,7 +206,7 @@ def score_rollouts(
     n, width = rollouts.response_ids.shape
     labels_all = rollouts.response_ids.masked_fill(~rollouts.response_mask.bool(), IGNORE_INDEX)
     out = {f: torch.zeros(n, width) for f in _FIELDS}
-    out["weight"].fill_(1.0)
+    out["token_weight"].fill_(1.0)
     scored = advantages.cpu() != 0
     backend_used = backend
     was_training = model.training
@@ -273,7 +235,7 @@ def score_rollouts(
             backend_used = ev.backend
             valid = labels != IGNORE_INDEX
             for f in _FIELDS:
-                fill = 1.0 if f == "weight" else 0.0
+                fill = 1.0 if f == "token_weight" else 0.0
                 out[f][rows, :t] = torch.where(valid, getattr(ev, f).float(), fill).cpu()
     finally:
         model.train(was_training)
@@ -282,14 +244,14 @@ def score_rollouts(
         pos_logprobs=out["pos"],
         neg_logprobs=out["neg"],
         delta=out["delta"],
-        weight=out["weight"],
+        weight=out["token_weight"],
         token_advantages=out["advantages"],
         teacher_scored=scored,
         backend=backend_used,
     )
 
 
-_FIELDS = ("policy", "pos", "neg", "delta", "weight", "advantages")
+_FIELDS = ("policy", "pos", "neg", "delta", "token_weight", "advantages")
 
 
 def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo, device):

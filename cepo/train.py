@@ -28,19 +28,24 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from cepo import checkpoint as ckpt
-from cepo import resume, sharding
 from cepo.config import (
     ConfigError,
     TrainConfig,
     build_config,
+    exit_if_help,
     help_text,
     parse_args,
     save_yaml,
     to_dict,
 )
+
+if __name__ == "__main__":  # --help prints before the torch and trainer imports below (< 1 s)
+    exit_if_help(sys.argv[1:])
+
+import torch
+
+from cepo import checkpoint as ckpt
+from cepo import resume, sharding
 from cepo.data import Example, iter_batches, load_split
 from cepo.errors import UserError
 from cepo.eval import evaluate
@@ -112,8 +117,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One rollout batch: prompts → rollouts → rewards → Â → PPO update → metrics."""
     cfg, clock = run.cfg, time.perf_counter()
     seed_step(cfg.seed, step, run.rank)
-    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps,
-                                                cfg.cepo.lam_offset)
+    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lambda_init,
+                                                cfg.cepo.lambda_warmup_steps,
+                                                cfg.cepo.lambda_offset)
     lr = lr_at(step, lr=cfg.lr, total_steps=run.schedule_steps, schedule=cfg.optim.schedule,
                warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
     for group in run.optimizer.param_groups:
