@@ -93,7 +93,7 @@ def test_shipped_config_composes_with_verls_and_switches_to_cepo():
     from cepo.errors import ConfigError
     from cepo.integrations.verl.trainer import check_config
 
-    cfg = compose("cepo.lam0=0.3", "cepo.neg_fallback=positive")
+    cfg = compose("cepo.lambda_init=0.3", "cepo.neg_fallback=positive")
     assert cfg.algorithm.adv_estimator == "cepo" and cfg.trainer.v1.trainer_mode == "cepo"
     assert "ppo_mini_batch_size" in cfg.actor_rollout_ref.actor  # verl's own config underneath
     options = check_config(cfg)

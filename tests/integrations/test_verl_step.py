@@ -85,6 +85,7 @@ def test_a_hat_matches_the_formula_with_fallback_groups(fallback):
     result = reweight(rows, plan, lps, options, lam=0.4)
     pos = {r.source: lp for r, lp in zip(plan.rows, lps) if r.kind == "pos"}
     neg = {r.source: lp for r, lp in zip(plan.rows, lps) if r.kind == "neg0"}
+    weights = []  # the clipped w_t of every teacher-scored token
     for i, r in enumerate(raw):
         t = len(r["responses"])
         mask = r["response_mask"].bool()
@@ -99,7 +100,10 @@ def test_a_hat_matches_the_formula_with_fallback_groups(fallback):
             t_neg = rows.student_logprobs[i, :t] if fallback == "student" else pos[i]
         want = torch.where(mask, expected_a_hat(a, pos[i], t_neg, 0.4, 0.3), 0.0)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        w = expected_a_hat(1.0 if a > 0 else -1.0, pos[i], t_neg, 1.0, 0.3).abs()
+        weights.append(w[mask])
     assert result.metrics["cepo/rows_fallback"] == 3.0  # the three rows of g1
+    assert result.metrics["cepo/weight_mean"] == pytest.approx(torch.cat(weights).mean().item())
     assert result.metrics["cepo/frac_groups_with_neg"] == 0.5  # g0 of the mixed g0, g1
 
 
@@ -214,3 +218,9 @@ def test_image_blind_teachers_replace_the_placeholders():
     with pytest.raises(ValueError, match="placeholder"):
         plan_teachers(rows, options, TOK)
     assert options_from_config({"algo": "rlsd", "teacher_images": None}).teacher.teacher_images
+
+
+def test_old_schedule_names_still_work():
+    assert options_from_config({"lam0": 0.2, "lam_warmup_steps": 0}).lam(40) == 0.2
+    with pytest.raises(ConfigError, match="old name"):
+        options_from_config({"lam0": 0.2, "lambda_init": 0.3})

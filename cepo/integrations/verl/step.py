@@ -30,7 +30,6 @@ import torch
 from cepo.metrics import weight_stats
 from cepo.teachers import hint_ids, select_wrong_answers
 from cepo_kernels import cepo_advantages
-from cepo_kernels.advantages import token_weights
 
 from .options import VerlCEPOOptions
 
@@ -277,10 +276,12 @@ def diagnostics(rows: Rows, plan: TeacherPlan, adv: torch.Tensor, delta: torch.T
                 metrics[f"cepo/delta_mean_{name}"] = delta[side].mean().item()
                 metrics[f"cepo/frac_wrong_dir_{name}"] = (delta[side] * s < 0).float().mean().item()
         seq_adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # [N] A of each row
-        weights = token_weights(adv, delta, torch.zeros_like(delta), mask, lam=lam, eps_w=eps_w)
+        # clipped w_t: with λ = 1 and |A| = 1, Â = sign(A)·w_t
+        weight = cepo_advantages(sign, delta, torch.zeros_like(delta), mask, lam=1.0,
+                                 eps_w=eps_w) * sign
         metrics.update(weight_stats(SimpleNamespace(
             advantages=seq_adv, response_mask=mask,
-            scores=SimpleNamespace(delta=delta, weight=weights.weight,
-                                   teacher_scored=plan.scored)), eps_w))
+            scores=SimpleNamespace(delta=delta, weight=weight, teacher_scored=plan.scored)),
+            eps_w))
     return metrics
 
