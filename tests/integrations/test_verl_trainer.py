@@ -237,13 +237,19 @@ def test_base_teacher_and_positive_fallback(tq, model):
     try:
         trainer = make_trainer(model, tq, 1, "cepo.teacher_model=base",
                                "cepo.neg_fallback=positive")
+        wg = trainer.actor_rollout_wg  # two data-parallel ranks: rows must split evenly
+        wg._dispatch_info, wg._query_dispatch_info = {}, lambda role: [0, 1]
         trainer._compute_advantage(batch, {})
-        (call,) = trainer.actor_rollout_wg.calls
+        (call,) = wg.calls
         assert call["extra_info"]["no_lora_adapter"] is True  # verl's frozen-base switch
+        assert len(call["keys"]) == 10  # 9 teacher rows + 1 repeated to fill the second rank
+        assert torch.equal(call["input_ids"][9], call["input_ids"][8])
         a = group_a(rows)
         got = read_advantages(tq, batch)
         for i, r in enumerate(rows):
             if r["uid"] == "g1":  # no r-: T- = T+, Δ = 0, Â = A
                 torch.testing.assert_close(got[i], a[i] * r["response_mask"].float())
+            elif r["uid"] == "g0":  # the teachers ran and moved Â off A
+                assert not torch.allclose(got[i], a[i] * r["response_mask"].float())
     finally:
         tq.kv_clear(keys=batch.keys, partition_id="train")
