@@ -98,6 +98,16 @@ def test_shipped_config_composes_with_verls_and_switches_to_cepo():
     assert "ppo_mini_batch_size" in cfg.actor_rollout_ref.actor  # verl's own config underneath
     options = check_config(cfg)
     assert options.lam(1) == 0.3 and options.teacher.neg_fallback == "positive"
+    # verl's own check of the whole config (main_ppo runs it first) accepts the cepo: block
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    full = compose("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+                   "actor_rollout_ref.model.path=unused")
+    with pytest.warns(UserWarning, match="Disabled critic"):  # no critic: a group advantage
+        validate_config(config=full, use_reference_policy=need_reference_policy(full),
+                        use_critic=need_critic(full))
     with pytest.raises(ConfigError, match="adv_estimator=cepo"):
         check_config(compose("algorithm.adv_estimator=gae"))
     with pytest.raises(ConfigError, match="cepo.lam_0"):
