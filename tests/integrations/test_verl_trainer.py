@@ -69,24 +69,34 @@ def sequence_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> tor
 
 class StandInActor:
     """``actor_rollout_wg``: compute_log_prob(KVBatchMeta) reads the rows from TransferQueue,
-    runs the model in process and writes ``log_probs`` back, as verl's workers do."""
+    scores them in process and writes ``log_probs`` back, as verl's actor workers do. With an
+    ``engine`` (verl's own, `verl_engine.cpu_engine`) the rows go through its ``infer_batch``
+    with every field the worker would fetch; without, through a plain forward."""
 
-    def __init__(self, model, tq):
-        self.model, self.tq, self.calls = model, tq, []
+    def __init__(self, model, tq, engine=None, micro_batch_size: int = 1):
+        self.model, self.tq, self.engine, self.calls = model, tq, engine, []
+        self.micro_batch_size = micro_batch_size
 
     def compute_log_prob(self, meta):
         from tensordict import TensorDict
+        from verl.utils import tensordict_utils as tu
 
-        fields = ["input_ids", "position_ids", "multi_modal_inputs"]
-        data = self.tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id,
-                                    select_fields=fields)
+        data = self.tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id)
         ids = list(data["input_ids"].unbind())
         self.calls.append({"keys": list(meta.keys), "extra_info": dict(meta.extra_info),
                            "input_ids": ids, "position_ids": list(data["position_ids"].unbind()),
                            "multi_modal_inputs": list(data["multi_modal_inputs"])
                            if "multi_modal_inputs" in data.keys() else None})
-        temperature = meta.extra_info.get("temperature", 1.0)
-        out = [sequence_logprobs(self.model, row, temperature) for row in ids]
+        if self.engine is not None:
+            from tests.integrations.verl_engine import WORKER_DEFAULTS
+
+            extra = {k: v for k, v in meta.extra_info.items() if k != "no_lora_adapter"}
+            tu.assign_non_tensor(data, **extra, **{
+                **WORKER_DEFAULTS, "micro_batch_size_per_gpu": self.micro_batch_size})
+            out = list(self.engine.infer_batch(data)["model_output"]["log_probs"].unbind())
+        else:
+            temperature = meta.extra_info.get("temperature", 1.0)
+            out = [sequence_logprobs(self.model, row, temperature) for row in ids]
         self.tq.kv_batch_put(keys=meta.keys, partition_id=meta.partition_id, fields=TensorDict(
             {"log_probs": torch.nested.as_nested_tensor(out, layout=torch.jagged)},
             batch_size=len(out)))
@@ -141,7 +151,7 @@ def test_vision_rows_keep_images_and_positions(tq, model):
         tq.kv_clear(keys=batch.keys, partition_id="train")
 
 
-def make_trainer(model, tq, global_steps: int, *overrides: str):
+def make_trainer(model, tq, global_steps: int, *overrides: str, engine=None):
     from cepo.integrations.verl.trainer import CEPOTrainer, check_config
 
     trainer = CEPOTrainer.__new__(CEPOTrainer)  # no Ray workers: only the advantage step runs
@@ -149,8 +159,18 @@ def make_trainer(model, tq, global_steps: int, *overrides: str):
     trainer.cepo_options = check_config(trainer.config)
     trainer.global_steps = global_steps
     trainer.tokenizer, trainer.processor = TOK, None
-    trainer.actor_rollout_wg = StandInActor(model, tq)
+    micro = trainer.config.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu or 1
+    trainer.actor_rollout_wg = StandInActor(model, tq, engine, micro)
     return trainer
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    """verl's FSDP language-model engine around the tiny model, on the CPU."""
+    from tests.integrations.verl_engine import cpu_engine, cpu_verl
+
+    with cpu_verl():
+        yield cpu_engine(model)
 
 
 def teacher_logprobs(model, row: dict, answer: str) -> torch.Tensor:
@@ -175,10 +195,13 @@ def group_a(rows) -> list[float]:
     return a
 
 
-def test_cepo_step_one_logprob_call_and_a_hat(tq, model):
+def test_cepo_step_one_logprob_call_and_a_hat(tq, model, engine):
+    """Teacher rows scored by verl's own engine (fixed log-prob micro-batches of 4)."""
     batch, rows = put_batch(tq, model)
     try:
-        trainer = make_trainer(model, tq, 13)  # a resumed run at step 13: λ from the step
+        trainer = make_trainer(  # a resumed run at step 13: λ from the step
+            model, tq, 13, "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+            engine=engine)
         metrics: dict = {}
         trainer._compute_advantage(batch, metrics)
         lam = 0.5 * (1 - 12 / 25)
@@ -191,7 +214,8 @@ def test_cepo_step_one_logprob_call_and_a_hat(tq, model):
         with_neg = [i for i in scored if rows[i]["uid"] == "g0"]
         expected_rows = [(i, GROUPS[rows[i]["uid"]][1]) for i in scored] + \
             [(i, "5") for i in with_neg]  # T+ rows, then T- rows (r- of g0 is "5")
-        assert len(call["input_ids"]) == len(expected_rows)
+        assert len(call["input_ids"]) == 12  # 9 rows, the last repeated to fill micro-batches
+        assert all(torch.equal(x, call["input_ids"][8]) for x in call["input_ids"][9:])
         for ids, (i, answer) in zip(call["input_ids"], expected_rows):
             r = rows[i]
             assert torch.equal(ids, torch.cat([r["prompts"], TOK.encode(" " + answer),

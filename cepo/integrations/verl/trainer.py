@@ -153,7 +153,7 @@ def score_teachers(trainer, batch, plan, options: VerlCEPOOptions) -> list[torch
     fields = teacher_fields(plan)
     n = len(plan.rows)
     keys = [f"{batch.keys[r.source]}|cepo|{r.kind}" for r in plan.rows]
-    pad = (-n) % _dp_size(trainer.actor_rollout_wg)  # the dispatch splits rows evenly over dp
+    pad = (-n) % _row_multiple(trainer)  # rows split evenly over ranks and micro-batches
     keys += [f"{keys[-1]}|pad{j}" for j in range(pad)]
     fields = {k: v + [v[-1]] * pad for k, v in fields.items()}
     tags = [{"status": "success", "prompt_len": len(p), "response_len": len(r),
@@ -186,6 +186,16 @@ def _placeholder_ids(trainer) -> list[int]:
     processor = getattr(trainer, "processor", None)
     ids = [get_processor_token_id(processor, name) for name in ("image", "video")]
     return [i for i in ids if i is not None]
+
+
+def _row_multiple(trainer) -> int:
+    """The teacher batch must split evenly over the actor's data-parallel ranks and, without
+    dynamic batch sizes, each rank's part into log-prob micro-batches of a fixed size."""
+    multiple = _dp_size(trainer.actor_rollout_wg)
+    ref = trainer.config.actor_rollout_ref
+    if not ref.actor.get("use_dynamic_bsz", False):
+        multiple *= int(ref.rollout.get("log_prob_micro_batch_size_per_gpu", None) or 1)
+    return multiple
 
 
 def _dp_size(worker_group) -> int:
