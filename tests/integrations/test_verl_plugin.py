@@ -123,3 +123,21 @@ def test_cepo_mode_takes_verls_synchronous_branches():
     assert trainer.trainer_mode == "sync"
     with pytest.raises(ValueError, match="trainer_mode=cepo"):
         trainer.trainer_mode = "separate_async"
+
+
+@pytest.mark.slow
+def test_a_ray_worker_sees_the_trainer_mode():
+    """verl builds its trainer inside a Ray actor (TaskRunnerV1): there too, ``import verl`` alone
+    must register the mode."""
+    out = run_python(
+        "import ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "@ray.remote\n"
+        "def mode():\n"
+        "    import verl\n"
+        "    from verl.trainer.ppo.v1 import get_trainer_cls\n"
+        "    return get_trainer_cls('cepo').__name__\n"
+        "print(ray.get(mode.remote()))\n"
+        "ray.shutdown()\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "CEPOTrainer"
