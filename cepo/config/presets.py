@@ -51,7 +51,7 @@ PRESETS = {"paper": paper, "reference": reference}
 def offline(base: TrainConfig | None = None) -> TrainConfig:
     """The run of `python -m cepo.train` without --config (= configs/tiny_cpu.yaml), on top of
     `base` (default: the paper preset): the built-in tiny Qwen3-VL, warmed up on the synthetic
-    task (cepo.warmup), trained offline on 2 CPU cores in a few minutes. Method settings (λ
+    task (cepo.offline.warmup), trained offline on 2 CPU cores in a few minutes. Method settings (λ
     schedule, ε_w, clipping, LoRA rank) stay the preset's; the scale shrinks and the lr grows to
     suit a 0.25M-parameter model."""
     cfg = base if base is not None else paper()

@@ -16,19 +16,21 @@ from PIL import Image
 
 from cepo import sources
 from cepo.data import (
-    DEFAULT_KINDS,
     FORMAT_SUFFIX,
-    VISUAL_KINDS,
     Example,
     build_messages,
-    chain_solution,
-    chain_terms,
     encode_prompt,
     encode_prompts,
     iter_batches,
     load_geo3k,
     load_split,
     prompt_text,
+)
+from cepo.offline.synthetic import (
+    DEFAULT_KINDS,
+    VISUAL_KINDS,
+    chain_solution,
+    chain_terms,
     synthetic_dataset,
 )
 

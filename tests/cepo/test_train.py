@@ -19,8 +19,8 @@ import torch
 import cepo.train as train_module
 from cepo import checkpoint as ckpt
 from cepo.metrics import read
+from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 from cepo.schedule import lr_at
-from cepo.warmup import WarmupConfig, build_warm_tiny
 
 # wall-clock numbers and (on CUDA) allocator peaks differ between any two runs
 VOLATILE = ("time/", "throughput/", "memory/peak")
@@ -206,12 +206,12 @@ def test_eval_and_merge_a_saved_run(runs, tmp_path, model, encoded):
 
 def test_warm_model_is_cached(warm_dir, monkeypatch):
     """A second build with the same recipe is a cache hit (the stamp matches), not a rebuild."""
-    import cepo.warmup
+    import cepo.offline.warmup
 
     def no_rebuild(*args):
         raise AssertionError("the cached warm model was rebuilt")
 
-    monkeypatch.setattr(cepo.warmup, "_warm_up", no_rebuild)
+    monkeypatch.setattr(cepo.offline.warmup, "_warm_up", no_rebuild)
     assert str(build_warm_tiny(warm_dir, WarmupConfig(steps=150))) == warm_dir
     with pytest.raises(AssertionError, match="rebuilt"):  # another recipe is not a hit
         build_warm_tiny(Path(warm_dir).parent / "other-warm", WarmupConfig(steps=151))

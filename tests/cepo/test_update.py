@@ -7,10 +7,9 @@ import copy
 import pytest
 import torch
 
-from cepo.config import PPOConfig
+from cepo.config import PPOConfig, TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 from cepo.update import (
     NonFiniteError,
     NonFiniteGuard,

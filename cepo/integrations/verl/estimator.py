@@ -1,5 +1,5 @@
 """``algorithm.adv_estimator=cepo``: the GRPO group advantage of docs/METHOD.md, "Advantages",
-computed by the project's `group_advantages`, for verl's estimator dispatch.
+computed by the project's `cepo.group_advantages`, for verl's estimator dispatch.
 
 verl hands an estimator the token rewards, the response mask and the group ids (``index``), in
 any order and with groups of any size; the CEPO reweighting needs the teachers, so it runs later,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cepo.advantages import group_advantages
+from cepo.group_advantages import group_advantages
 
 NAME = "cepo"
 

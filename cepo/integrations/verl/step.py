@@ -4,7 +4,7 @@
 verl keeps every rollout as unpadded 1-D tensors (``prompts``, ``responses``, ``response_mask``)
 grouped by ``uid``, in any order. This module
 
-1. picks r- per group with the project's `select_wrong_answers`,
+1. picks r- per group with the project's `cepo.negatives.select_wrong_answers`,
 2. lays out the teacher rows, all of them for ONE log-prob call (T+ rows first, then T-):
 
        student:   prompt                 | response
@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from cepo.metrics import weight_stats
-from cepo.teachers import hint_ids, select_wrong_answers
+from cepo.contexts import hint_ids
+from cepo.diagnostics import token_diagnostics
+from cepo.negatives import select_wrong_answers
+from cepo.scoring import neg_stand_in
 from cepo_kernels import cepo_advantages
 
 from .options import VerlCEPOOptions
@@ -235,10 +236,11 @@ def reweight(rows: Rows, plan: TeacherPlan, teacher_logprobs: Sequence[torch.Ten
         else:
             negs[int(row.kind[3:])][row.source, :t] = lp.float()
             has_neg[row.source] = True
-    fallback = plan.scored & ~has_neg
-    if options.algo == "cepo" and options.teacher.neg_fallback == "positive":
-        for neg in negs:
-            neg[fallback] = pos[fallback]
+    fallback = plan.scored & ~has_neg  # T- of these rows: the project's stand-in
+    stand_in = neg_stand_in(student, pos, algo=options.algo,
+                            neg_fallback=options.teacher.neg_fallback)
+    for neg in negs:
+        neg[fallback] = stand_in[fallback]
     if len(negs) == 1:
         neg = negs[0]
     else:  # K wrong answers mix as logmeanexp_k (as the fused scoring does)
@@ -267,21 +269,10 @@ def diagnostics(rows: Rows, plan: TeacherPlan, adv: torch.Tensor, delta: torch.T
     metrics["cepo/frac_groups_with_neg"] = (
         sum(bool(plan.wrong.get(u)) for u in mixed) / len(mixed) if mixed else 0.0)
     if scored.any():
-        d = delta[scored]
-        metrics["cepo/delta_mean"] = d.mean().item()
-        metrics["cepo/delta_std"] = d.std().item() if d.numel() > 1 else 0.0
-        for s, name in ((1, "pos"), (-1, "neg")):
-            side = scored & (sign == s)
-            if side.any():
-                metrics[f"cepo/delta_mean_{name}"] = delta[side].mean().item()
-                metrics[f"cepo/frac_wrong_dir_{name}"] = (delta[side] * s < 0).float().mean().item()
         seq_adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # [N] A of each row
         # clipped w_t: with λ = 1 and |A| = 1, Â = sign(A)·w_t
         weight = cepo_advantages(sign, delta, torch.zeros_like(delta), mask, lam=1.0,
                                  eps_w=eps_w) * sign
-        metrics.update(weight_stats(SimpleNamespace(
-            advantages=seq_adv, response_mask=mask,
-            scores=SimpleNamespace(delta=delta, weight=weight, teacher_scored=plan.scored)),
-            eps_w))
+        metrics.update(token_diagnostics(delta, seq_adv, scored, weight, eps_w=eps_w))
     return metrics
 
