@@ -224,3 +224,15 @@ def test_old_schedule_names_still_work():
     assert options_from_config({"lam0": 0.2, "lam_warmup_steps": 0}).lam(40) == 0.2
     with pytest.raises(ConfigError, match="old name"):
         options_from_config({"lam0": 0.2, "lambda_init": 0.3})
+
+
+def test_rows_without_a_ground_truth_keep_a():
+    """No answer to hint: the row gets no teacher rows and keeps its group advantage."""
+    rows, raw = make_rows()
+    i = next(k for k, r in enumerate(raw) if r["uid"] == "g0" and rows.scores[k] == 1.0)
+    rows.ground_truths[i] = None
+    options = options_from_config({})
+    plan = plan_teachers(rows, options, TOK)
+    assert i not in {r.source for r in plan.rows} and not plan.scored[i]
+    result = reweight(rows, plan, fake_logprobs(plan), options, lam=0.5)
+    assert torch.equal(result.advantages[i], rows.advantages[i])
