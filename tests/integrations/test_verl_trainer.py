@@ -196,7 +196,9 @@ def group_a(rows) -> list[float]:
 
 
 def test_cepo_step_one_logprob_call_and_a_hat(tq, model, engine):
-    """Teacher rows scored by verl's own engine (fixed log-prob micro-batches of 4)."""
+    """Teacher rows scored by verl's own engine (FSDP2-sharded module, fixed log-prob
+    micro-batches of 4)."""
+    assert type(engine.module).__name__ == "FSDPQwen3ForCausalLM"
     batch, rows = put_batch(tq, model)
     try:
         trainer = make_trainer(  # a resumed run at step 13: λ from the step

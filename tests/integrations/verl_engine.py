@@ -1,15 +1,17 @@
 """verl's own FSDP language-model engine, run in this process on the CPU for the tests.
 
-`cpu_engine(model)` gives an `FSDPEngineWithLMHead` whose module is the (unwrapped) model, so its
+`cpu_engine(model)` gives an `FSDPEngineWithLMHead` whose module is a copy of the model sharded
+with FSDP2 (``fully_shard``, per decoder layer and whole, on a one-rank CPU mesh), so its
 ``infer_batch`` packs the rows, runs the forward and lays out ``log_probs`` exactly as a verl
 actor worker does (``use_remove_padding=False``: the padded path, no flash-attn). verl knows no
-CPU platform, so `CPUPlatform` stands in for one, and a one-process gloo group for the
+CPU platform, so `CPUPlatform` stands in for one, and a one-process gloo group serves FSDP and the
 data-parallel all-reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
 from types import SimpleNamespace
 
@@ -105,11 +107,19 @@ def cpu_verl():
 
 
 def cpu_engine(model: torch.nn.Module):
-    """An `FSDPEngineWithLMHead` around ``model`` (fp32, one rank, no sequence parallelism)."""
+    """An `FSDPEngineWithLMHead` around an FSDP2-sharded copy of ``model`` (fp32, one rank, no
+    sequence parallelism); call inside `cpu_verl`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    engine = FSDPEngineWithLMHead.__new__(FSDPEngineWithLMHead)  # no FSDP wrapping on one CPU
-    engine.module = model
+    module = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in module.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    engine = FSDPEngineWithLMHead.__new__(FSDPEngineWithLMHead)  # built by hand, not by a worker
+    engine.module = module
     engine.ulysses_sequence_parallel_size = 1
     engine.ulysses_device_mesh = None
     engine.pad_to_length = False
