@@ -112,6 +112,9 @@ def test_shipped_config_composes_with_verls_and_switches_to_cepo():
         check_config(compose("algorithm.adv_estimator=gae"))
     with pytest.raises(ConfigError, match="cepo.lam_0"):
         check_config(compose("+cepo.lam_0=0.1"))
+    with pytest.raises(ConfigError, match="lora_rank"):
+        check_config(compose("cepo.teacher_model=base"))
+    assert check_config(compose("cepo.teacher_model=base", "actor_rollout_ref.model.lora_rank=8"))
 
 
 def test_cepo_mode_takes_verls_synchronous_branches():

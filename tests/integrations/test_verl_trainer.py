@@ -262,7 +262,7 @@ def test_base_teacher_and_positive_fallback(tq, model):
     batch, rows = put_batch(tq, model)
     try:
         trainer = make_trainer(model, tq, 1, "cepo.teacher_model=base",
-                               "cepo.neg_fallback=positive")
+                               "cepo.neg_fallback=positive", "actor_rollout_ref.model.lora_rank=8")
         wg = trainer.actor_rollout_wg  # two data-parallel ranks: rows must split evenly
         wg._dispatch_info, wg._query_dispatch_info = {}, lambda role: [0, 1]
         trainer._compute_advantage(batch, {})

@@ -41,12 +41,18 @@ GROUP_ESTIMATORS = (ESTIMATOR, "grpo")  # a sequence-level group A for CEPO to r
 
 
 def check_config(config) -> VerlCEPOOptions:
-    """The ``cepo:`` options, after checking the estimator: before any worker starts."""
+    """The ``cepo:`` options, after checking the estimator and the base teacher's adapters:
+    before any worker starts."""
     options = options_from_config(config.get("cepo"))
     estimator = str(config.algorithm.adv_estimator)
     if estimator not in GROUP_ESTIMATORS:
         raise ConfigError(f"trainer.v1.trainer_mode=cepo reweights a group advantage: set "
                           f"algorithm.adv_estimator=cepo (got {estimator!r})")
+    model = config.actor_rollout_ref.model
+    if options.teacher.teacher_model == "base" and not (
+            model.get("lora_rank", 0) or model.get("lora_adapter_path", None)):
+        raise ConfigError("cepo.teacher_model=base scores the teachers with the LoRA adapters "
+                          "off, so it needs a LoRA actor (actor_rollout_ref.model.lora_rank > 0)")
     return options
 
 
