@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh OUT_DIR                 # install what is missing, run, write OUT_DIR/
 #   bash bench/gpu.sh OUT_DIR --wheels DIR    # offline: install from wheels in DIR (pip --no-index)
 #   bash bench/gpu.sh OUT_DIR --dry-run       # check the environment, print the plan, run nothing
-#   bash bench/gpu.sh OUT_DIR --micro         # also run the pytest-benchmark suite afterwards
+#   bash bench/gpu.sh OUT_DIR --gpu-tests     # also run the tests marked gpu (vLLM sleep/wake, bf16,
+#                                             # Qwen3-VL rollouts; they skip where vllm is missing)
 #
 # On a machine without internet, bring the pure-python wheels along (1.9 MB):
 #   pip download --no-deps -d runs/wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0
@@ -18,12 +19,12 @@
 # bench/results/cuda-<gpu>/ to publish them (python -m bench.report OUT_DIR regenerates the table).
 set -uo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
-OUT="" DRY=0 MICRO=0 WHEELS=""
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+OUT="" DRY=0 GPU_TESTS=0 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
-    --micro) MICRO=1 ;;
+    --gpu-tests) GPU_TESTS=1 ;;
     --wheels) WHEELS="${2:?--wheels needs a folder}"; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "gpu.sh: unknown option $1" >&2; usage 2 ;;
@@ -88,7 +89,7 @@ need trl "trl>=1.16,<2" --no-deps          # only trl.kernels is used: skip data
 need liger_kernel "liger-kernel>=0.8" --no-deps
 need cut_cross_entropy "cut-cross-entropy>=25.1" --no-deps
 need matplotlib "matplotlib>=3.7"
-[ "$MICRO" = 1 ] && need pytest_benchmark "pytest-benchmark>=4"
+[ "$GPU_TESTS" = 1 ] && need pytest "pytest>=8"
 
 # 3. AOT compile check for this GPU's architecture (bench/aot.py; ~30 s on 16 cores): every
 #    kernel config compiles without spills; results in OUT/aot/. Reported, never fatal here.
@@ -101,7 +102,7 @@ else
   log "AOT check for sm_$CC: status $? (0 = every config compiles without spills)"
 fi
 
-# 4. The comparison (bench/run.py PRESETS["cuda", "full"]), then the optional micro suite
+# 4. The comparison (bench/run.py PRESETS["cuda", "full"]), then the optional GPU-marked tests
 ARGS=(-m bench --full --device cuda --out "$OUT" --max-minutes "$BUDGET_MIN")
 if [ "$DRY" = 1 ]; then
   log "+ $PY ${ARGS[*]}"
@@ -110,8 +111,8 @@ if [ "$DRY" = 1 ]; then
 else
   run timeout $(( ${BUDGET_MIN%.*} * 60 + 90 )) "$PY" "${ARGS[@]}"
   STATUS=$?
-  [ "$MICRO" = 1 ] && run "$PY" -m pytest bench/ --benchmark-only -q \
-      --benchmark-json "$OUT/micro.json"
+  [ "$GPU_TESTS" = 1 ] && run "$PY" -m pytest -q -m gpu tests/ \
+      --junitxml "$OUT/gpu_tests.xml"
 fi
 log "done (status $STATUS) in $(( $(date +%s) - START )) s; results in $OUT"
 exit "$STATUS"
