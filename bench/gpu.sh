@@ -19,7 +19,7 @@
 # bench/results/cuda-<gpu>/ to publish them (python -m bench.report OUT_DIR regenerates the table).
 set -uo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 OUT="" DRY=0 GPU_TESTS=0 WHEELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
