@@ -14,6 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where built tiny models (and other build-once directories) live: ``$CEPO_CACHE_DIR``,
+    default ``~/.cache/cepo``."""
+    return Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
+
+
 def read_stamp(directory: Path, stamp_name: str) -> dict | None:
     try:
         return json.loads((directory / stamp_name).read_text())

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from cepo.cache import build_once
+from cepo.cache import build_once, cache_root
 
 # Qwen3-VL's special tokens, in id order right after the BPE vocabulary (151643.. in Qwen3-VL).
 SPECIAL_TOKENS = (
@@ -101,8 +101,7 @@ Vocab = Literal["mini", "qwen"]
 
 def default_tiny_dir(vocab: Vocab = "mini") -> Path:
     """Cache location: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-<vocab>."""
-    root = Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
-    return root / f"tiny-qwen3-vl-{vocab}-v{_RECIPE_VERSION}"
+    return cache_root() / f"tiny-qwen3-vl-{vocab}-v{_RECIPE_VERSION}"
 
 
 def build_tiny_model(

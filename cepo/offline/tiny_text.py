@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cepo.cache import build_once
+from cepo.cache import build_once, cache_root
 from cepo.offline.tiny import CHAT_TEMPLATE, Vocab, tiny_tokenizer
 
 _RECIPE_VERSION = 1
@@ -24,8 +24,7 @@ _STAMP = "cepo_tiny_text.json"
 
 def default_tiny_text_dir(vocab: Vocab = "mini") -> Path:
     """``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-text-<vocab>-v<N>."""
-    root = Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
-    return root / f"tiny-qwen3-text-{vocab}-v{_RECIPE_VERSION}"
+    return cache_root() / f"tiny-qwen3-text-{vocab}-v{_RECIPE_VERSION}"
 
 
 def build_tiny_text_model(

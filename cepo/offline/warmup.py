@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from cepo.cache import build_once
+from cepo.cache import build_once, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ KINDS = ("vl", "text")  # the tiny Qwen3-VL (cepo.offline.tiny) or the tiny text
 
 
 def default_warm_dir(kind: str = "vl") -> Path:
-    root = Path(os.environ.get("CEPO_CACHE_DIR", "~/.cache/cepo")).expanduser()
     model = "qwen3-vl" if kind == "vl" else "qwen3-text"
-    return root / f"tiny-{model}-mini-warm-v{_RECIPE_VERSION}"
+    return cache_root() / f"tiny-{model}-mini-warm-v{_RECIPE_VERSION}"
 
 
 def build_warm_tiny(
