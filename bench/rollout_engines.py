@@ -95,14 +95,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rollout_engines-") as tmp:
         for rep in range(args.repeats):
             for engine in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
+                clock, load = time.time(), report.loadavg()
                 records = train_once(args.algo, args.steps, Path(tmp) / f"{engine}-{rep}",
                                      [*DEFAULTS, "--model.name", model,
                                       "--rollout.engine", engine, *train_args])
                 steps = [{k: round(v, 6) for k, v in r.items()
                           if k.startswith(RAW_PREFIXES) or k in RAW_KEYS} for r in records]
-                runs.append({"engine": engine, "repeat": rep, "steps": steps})
+                runs.append({"engine": engine, "repeat": rep, "loadavg_start": load,
+                             "wall_s": round(time.time() - clock, 3), "steps": steps})
                 print(f"  [{time.time() - t0:5.0f}s] {engine} run {rep + 1}/{args.repeats}: "
-                      f"{_mean(r['time/rollout'] for r in steps):.3f} s rollout/step", flush=True)
+                      f"{_mean(r['time/rollout'] for r in steps):.3f} s rollout/step, load {load}",
+                      flush=True)
     warmup = min(1, args.steps - 1)
     result = {"command": command, "steps": args.steps, "repeats": args.repeats,
               "warmup": warmup, "wall_s": time.time() - t0,
