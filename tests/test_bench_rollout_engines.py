@@ -105,3 +105,29 @@ def test_paper_step_estimate_arithmetic():
     assert e["hf"]["score_s"] == pytest.approx(
         6 * paper_step.params() * tokens / (989e12 * paper_step.MFU))
     assert e["vllm"]["rollout_s"] < e["hf"]["rollout_s"]
+
+
+def test_render_reads_its_figures_from_the_json(tmp_path):
+    """A hand-made result renders with its own medians, ranges and load, and the markers
+    round-trip through a README."""
+    runs = _runs()
+    for run, load in zip(runs, ("2.0", "3.5", "1.5", "2.5")):
+        run["loadavg_start"] = f"{load} 1.0 1.0"
+    meta = {"cores": 2, "loadavg_before": "1.00 1.00 1.00", "loadavg_after": "2.00 2.00 2.00",
+            "date_utc": "2030-01-01 00:00 UTC",
+            "settings": {"algo": "grpo", "model": "random",
+                         "train_args": ["--rollout.max_new_tokens", "128"]}}
+    result = {"command": "python -m bench.rollout_engines --steps 3 --repeats 2", "steps": 3,
+              "repeats": 2, "warmup": 1, "wall_s": 90.0, "meta": meta, "runs": runs}
+    (tmp_path / "rollout_engines.json").write_text(json.dumps(result))
+    text = " ".join(rollout_engines.render(tmp_path).split())
+    assert "rollouts at 2,400 tokens/s (median; 1,600–3,200) with HF" in text
+    assert "6,400 tokens/s (median; 6,400–6,400) with vLLM" in text
+    assert "3.00× (median of the runs' ratios; 2.00–4.00×)" in text
+    assert "1.5–3.5 (1 min) as runs started" in text and "1.5 min on 2 shared cores" in text
+    assert "at most 128 new tokens" in text and "64 rollouts" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{rollout_engines.README_BEGIN}\nold\n{rollout_engines.README_END}\nb\n")
+    rollout_engines.write_readme(readme, rollout_engines.render(tmp_path))
+    assert rollout_engines.readme_block(readme) == rollout_engines.render(tmp_path)
+    assert readme.read_text().startswith("a\n") and readme.read_text().endswith("\nb\n")
