@@ -211,6 +211,21 @@ class _SharedPrefixLayer(DynamicLayer):
         return keys, values
 
 
+def context_after(base: Prefix, full: Prefix) -> torch.Tensor:
+    """The text tokens [H] that `full` adds after `base` (a teacher hint: ``full =
+    base.extend(hint)``), so rows built as whole prefixes can share `base`'s encoding."""
+    n = base.input_ids.numel()
+    if full.input_ids.numel() < n or not torch.equal(full.input_ids[:n], base.input_ids):
+        raise ValueError("the row's context does not begin with the shared prefix's tokens")
+    if full.pixel_values is not base.pixel_values and not (
+            full.pixel_values is not None and base.pixel_values is not None
+            and torch.equal(full.pixel_values, base.pixel_values)):
+        raise ValueError("the row's context and the shared prefix have different images")
+    if bool(full.mm_token_type_ids[n:].any()):
+        raise ValueError("the row's context adds image tokens after the shared prefix")
+    return full.input_ids[n:]
+
+
 # --------------------------------------------------------------------------- continuations
 
 

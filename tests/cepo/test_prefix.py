@@ -15,6 +15,7 @@ from cepo.lora import apply_lora
 from cepo.models import load_model, output_head, response_hidden, unwrap_model
 from cepo.prefix import (
     PrefixSharingUnsupported,
+    context_after,
     continuation_hidden,
     encode_prefix,
     prefix_sharing_unsupported,
@@ -171,7 +172,8 @@ def test_update_gradients_match_unshared_path(setup, mode, g):
     model.zero_grad(set_to_none=True)
 
     for prefix, d, coef in zip(groups, data, coefs):  # a backward per group: prefix grad once
-        h = shared_response_hidden(model, prefix, d[0], d[1])
+        # G = 8: the continuations in micro-batches of 3 rows, all on one prefix graph
+        h = shared_response_hidden(model, prefix, d[0], d[1], micro_batch_size=3)
         (logprobs(model, h, d[0], d[1]) * coef).sum().backward()
     checked = 0
     for name, p in params.items():
@@ -246,3 +248,16 @@ def test_switch_and_fallback():
         resolve_prefix_sharing("true", model, grad=True)
     with pytest.raises(PrefixSharingUnsupported):
         encode_prefix(model, text_groups(torch.Generator().manual_seed(0))[0])
+
+
+def test_context_after_recovers_the_hint(encoded):
+    prompt = encoded[0].prefix()
+    hint = torch.tensor([5, 6, 7])
+    assert torch.equal(context_after(prompt, prompt.extend(hint)), hint)
+    assert context_after(prompt, prompt).numel() == 0
+    with pytest.raises(ValueError, match="does not begin"):
+        context_after(encoded[1].prefix().extend(hint), prompt.extend(hint))
+    blind = encoded[0].prefix(with_images=False)
+    if prompt.pixel_values is not None:  # the image-blind teacher prompt is its own prefix
+        with pytest.raises(ValueError):
+            context_after(prompt, blind.extend(hint))
