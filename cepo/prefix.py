@@ -20,11 +20,13 @@ the prefix's gradient once. A model or setting this does not cover is reported b
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from cepo.batch import ModelInputs, Prefix, collate
 from cepo.models import position_ids, unwrap_model
@@ -35,6 +37,8 @@ SETTINGS = ("auto", "true", "false")
 TEXT_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 VL_MODEL_TYPES = ("qwen3_vl",)
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# transformers lets a checkpointed layer keep its cache only where a layer says so (5.2x on)
+_CHECKPOINT_CAN_KEEP_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
 
 class PrefixSharingUnsupported(NotImplementedError):
@@ -63,11 +67,45 @@ def prefix_sharing_unsupported(model: torch.nn.Module, *, grad: bool = False) ->
     attn = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
     if attn not in ATTENTION_IMPLEMENTATIONS:
         return f"attention implementation {attn!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-    if grad and any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
-        # transformers drops the cache inside checkpointed layers, so the continuations would
-        # silently lose the prefix
-        return "gradient checkpointing drops the KV cache in training forwards"
+    if grad:
+        return _checkpointing_unsupported(base)
     return None
+
+
+def _checkpointed_layers(base: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in base.modules()
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def _checkpointing_unsupported(base: torch.nn.Module) -> str | None:
+    """Gradient checkpointing works with shared prefixes only when the cache survives into the
+    checkpointed layers and gradients reach tensors that are not layer arguments (non-reentrant)."""
+    layers = _checkpointed_layers(base)
+    if not layers:
+        return None
+    if not _CHECKPOINT_CAN_KEEP_CACHE:
+        return "this transformers version drops the KV cache in gradient-checkpointed layers"
+    func = getattr(layers[0], "_gradient_checkpointing_func", None)
+    if getattr(func, "keywords", {}).get("use_reentrant", True) is not False:
+        return ("reentrant gradient checkpointing passes no gradient through the shared cache "
+                "(enable it with use_reentrant=False)")
+    return None
+
+
+@contextmanager
+def _cache_through_checkpoints(model: torch.nn.Module) -> Iterator[None]:
+    """Let gradient-checkpointed layers keep the cache for this forward. Safe here because the
+    caches of this module never grow: a layer recomputed in backward reads and returns exactly
+    what it did in forward."""
+    layers = [m for m in _checkpointed_layers(unwrap_model(model))
+              if "_can_checkpoint_with_cache" not in vars(m)]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
 
 
 def supports_prefix_sharing(model: torch.nn.Module, *, grad: bool = False) -> bool:
@@ -165,23 +203,10 @@ def encode_prefix(model: torch.nn.Module, prefix: Prefix | ModelInputs) -> Encod
     weight = next(base.parameters())
     inputs = _one_row(model, prefix, weight.device)
     length = inputs.input_ids.shape[1]
-    cache = DynamicCache()
+    cache = Cache(layer_class_to_replicate=_CaptureLayer)
     kwargs = {_cache_kwarg(base.model): cache, "use_cache": True}
-    if _is_vision_language(model):
-        pos = position_ids(model, inputs)  # [4, 1, Lp]
-        pixels = inputs.pixel_values.to(weight.dtype) if inputs.pixel_values is not None else None
-        out = base.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                         position_ids=pos, pixel_values=pixels,
-                         image_grid_thw=inputs.image_grid_thw,
-                         mm_token_type_ids=inputs.mm_token_type_ids, **kwargs)
-        rope_start = int(pos[1:].max()) + 1
-    else:
-        if inputs.pixel_values is not None:
-            raise ValueError("a text-only model got a prefix with images")
-        pos = torch.arange(length, device=weight.device)[None]
-        out = base.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                         position_ids=pos, **kwargs)
-        rope_start = None
+    with _cache_through_checkpoints(model):
+        out, rope_start = _prefix_forward(model, base, inputs, weight, kwargs)
     layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
     if len(layers) != len(cache.layers) or not layers:
         raise PrefixSharingUnsupported("the model did not fill a key/value cache for every layer")
@@ -192,6 +217,36 @@ def encode_prefix(model: torch.nn.Module, prefix: Prefix | ModelInputs) -> Encod
         length=length,
         rope_start=rope_start,
     )
+
+
+def _prefix_forward(model, base, inputs: ModelInputs, weight: torch.Tensor, kwargs: dict):
+    """The inner model on the one prompt row; also the first mRoPE position after it (VL)."""
+    if _is_vision_language(model):
+        pos = position_ids(model, inputs)  # [4, 1, Lp]
+        pixels = inputs.pixel_values.to(weight.dtype) if inputs.pixel_values is not None else None
+        out = base.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                         position_ids=pos, pixel_values=pixels,
+                         image_grid_thw=inputs.image_grid_thw,
+                         mm_token_type_ids=inputs.mm_token_type_ids, **kwargs)
+        return out, int(pos[1:].max()) + 1
+    if inputs.pixel_values is not None:
+        raise ValueError("a text-only model got a prefix with images")
+    pos = torch.arange(inputs.input_ids.shape[1], device=weight.device)[None]
+    out = base.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                     position_ids=pos, **kwargs)
+    return out, None
+
+
+class _CaptureLayer(DynamicLayer):
+    """Keeps the first keys/values it is given (the whole prompt's) and returns them unchanged,
+    so a layer recomputed under gradient checkpointing neither grows nor replaces them."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.keys, self.values = key_states, value_states
+            self.device = key_states.device
+            self.is_initialized = True
+        return key_states, value_states
 
 
 class _SharedPrefixLayer(DynamicLayer):
@@ -264,8 +319,9 @@ def continuation_hidden(
         rope = (encoded.rope_start + steps).expand(3, rows, width)
         pos = torch.cat([text[None], rope], dim=0)  # [4, B, C]
     cache = Cache(layers=[_SharedPrefixLayer(k, v) for k, v in zip(encoded.keys, encoded.values)])
-    out = base.model(input_ids=ids, attention_mask=attention, position_ids=pos,
-                     **{_cache_kwarg(base.model): cache}, use_cache=False)
+    with _cache_through_checkpoints(model):
+        out = base.model(input_ids=ids, attention_mask=attention, position_ids=pos,
+                         **{_cache_kwarg(base.model): cache}, use_cache=False)
     hidden = torch.cat([first, out.last_hidden_state[:, :-1]], dim=1)  # [B, C, D]
     return torch.where(mask.bool()[..., None], hidden, hidden.new_zeros(()))
 

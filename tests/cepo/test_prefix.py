@@ -228,6 +228,16 @@ def test_prefix_given_as_a_left_padded_batch_row():
                                torch.tensor([[1, 0, 1]]))
 
 
+def checkpointing(model, reentrant: bool = False):
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    kwargs = {"use_reentrant": reentrant}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def test_switch_and_fallback():
     model = text_model()
     assert resolve_prefix_sharing("auto", model)[0]
@@ -235,19 +245,39 @@ def test_switch_and_fallback():
     with pytest.raises(ValueError, match="prefix_sharing"):
         resolve_prefix_sharing("maybe", model)
     assert "no config" in prefix_sharing_unsupported(torch.nn.Linear(2, 2))
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    assert resolve_prefix_sharing("auto", model)[0]  # scoring: no grad, the cache is kept
+    checkpointing(model, reentrant=True).train()
+    assert resolve_prefix_sharing("auto", model)[0]  # scoring: no grad, nothing to checkpoint
     on, line = resolve_prefix_sharing("auto", model, grad=True)
-    assert not on and "gradient checkpointing" in line
-    with pytest.raises(PrefixSharingUnsupported, match="gradient checkpointing"):
+    assert not on and "reentrant" in line
+    with pytest.raises(PrefixSharingUnsupported, match="reentrant"):
         resolve_prefix_sharing("true", model, grad=True)
     with pytest.raises(PrefixSharingUnsupported):
         encode_prefix(model, text_groups(torch.Generator().manual_seed(0))[0])
+    assert resolve_prefix_sharing("true", checkpointing(text_model()).train(), grad=True)[0]
+
+
+def test_gradient_checkpointing_keeps_the_shared_prefix(setup):
+    """Non-reentrant gradient checkpointing (how cepo loads models for it): the checkpointed
+    layers keep the shared cache, and the gradients are still the unshared path's."""
+    factory, groups, bound = setup
+    g = 4
+    data = make_responses(torch.Generator().manual_seed(21), groups, g, bound)
+    coefs = [torch.randn(d[0].shape, generator=torch.Generator().manual_seed(8)) for d in data]
+    model = prepare(factory(), "full")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ids, mask = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
+    hidden = unshared_hidden(model, [p for p in groups for _ in range(g)], ids, mask)
+    (logprobs(model, hidden, ids, mask) * torch.cat(coefs)).sum().backward()
+    expected = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    checkpointing(model).train()
+    for prefix, d, coef in zip(groups, data, coefs):
+        h = shared_response_hidden(model, prefix, d[0], d[1], micro_batch_size=3)
+        (logprobs(model, h, d[0], d[1]) * coef).sum().backward()
+    for name, p in params.items():
+        want = expected[name]
+        got = p.grad if p.grad is not None else torch.zeros_like(want)
+        assert_close(got, want, atol=GRAD_RTOL * (want.abs().max().item() or 1.0), what=name)
 
 
 def test_context_after_recovers_the_hint(encoded):
