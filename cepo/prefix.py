@@ -56,17 +56,20 @@ def prefix_sharing_unsupported(model: torch.nn.Module, *, grad: bool = False) ->
     if config is None or inner is None:
         return f"{type(base).__name__} has no config or inner .model"
     model_type = getattr(config, "model_type", None)
-    if model_type not in TEXT_MODEL_TYPES + VL_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(TEXT_MODEL_TYPES + VL_MODEL_TYPES)}"
+    known = TEXT_MODEL_TYPES + VL_MODEL_TYPES
+    if model_type not in known:
+        return f"model type {model_type!r} is not one of {', '.join(known)}"
     if _cache_kwarg(inner) is None:
         return f"{type(inner).__name__}.forward takes no cache"
     text = config.get_text_config(decoder=True)
     layer_types = getattr(text, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(text, "use_sliding_window", False):
+    sliding = getattr(text, "use_sliding_window", False)
+    if sliding or any(t != "full_attention" for t in layer_types):
         return "the model has sliding-window or other non-full attention layers"
-    attn = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    attn = getattr(text, "_attn_implementation", None) or config._attn_implementation
     if attn not in ATTENTION_IMPLEMENTATIONS:
-        return f"attention implementation {attn!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        return (f"attention implementation {attn!r} is not one of "
+                f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if grad:
         return _checkpointing_unsupported(base)
     return None
@@ -169,7 +172,8 @@ def _one_row(model: torch.nn.Module, prefix: Prefix | ModelInputs, device) -> Mo
                              f"{tuple(prefix.input_ids.shape)}")
         return collate([prefix], pad_token_id=0).to(device)
     if not isinstance(prefix, ModelInputs):
-        raise TypeError(f"prefix must be a Prefix or a one-row ModelInputs, got {type(prefix).__name__}")
+        raise TypeError(f"prefix must be a Prefix or a one-row ModelInputs, got "
+                        f"{type(prefix).__name__}")
     if prefix.input_ids.ndim != 2 or prefix.input_ids.shape[0] != 1:
         raise ValueError(f"the prefix must be one row, got input_ids of shape "
                          f"{tuple(prefix.input_ids.shape)}")
@@ -367,8 +371,55 @@ def shared_response_hidden(
                             ids[i, : int(lengths[i])]]) for i in sub]
         hidden = continuation_hidden(model, encoded, conts)  # [b, C, D]
         offset = torch.tensor([contexts[i].numel() for i in sub], device=device)
-        index = (offset[:, None] + torch.arange(width, device=device)).clamp_max(hidden.shape[1] - 1)
+        index = offset[:, None] + torch.arange(width, device=device)
+        index = index.clamp_max(hidden.shape[1] - 1)
         picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [b, T, D]
         valid = mask[list(sub)].to(device)[..., None]
         parts.append(torch.where(valid, picked, picked.new_zeros(())))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def grouped_response_hidden(
+    model: torch.nn.Module,
+    prompts: Sequence[Prefix | ModelInputs],
+    group: Sequence[int],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    contexts: Sequence[torch.Tensor] | None = None,
+    micro_batch_size: int | None = None,
+    encoded: dict[int, EncodedPrefix] | None = None,
+) -> torch.Tensor:
+    """`shared_response_hidden` for rows of several prompts: [B, T, D] in row order.
+
+    Row i continues ``prompts[group[i]]`` with ``contexts[i]`` (default none) and its response.
+    Each prompt is encoded once; pass a dict as `encoded` to keep the encodings for later calls
+    (e.g. the student rows, then the teacher rows of the same micro-batch). Encodings depend on
+    the weights: keep one dict per weight set (actor, adapters disabled) and per prompt rendering
+    (an image-blind teacher prompt is another prompt).
+    """
+    rows = response_ids.shape[0]
+    if len(group) != rows:
+        raise ValueError(f"{rows} responses but {len(group)} group indices")
+    if contexts is not None and len(contexts) != rows:
+        raise ValueError(f"{rows} responses but {len(contexts)} contexts")
+    if any(not 0 <= g < len(prompts) for g in group):
+        raise ValueError(f"group indices must be in [0, {len(prompts)}), got {sorted(set(group))}")
+    encoded = {} if encoded is None else encoded
+    parts, order = [], []
+    for g in dict.fromkeys(group):  # prompts in order of first appearance
+        sub = [i for i in range(rows) if group[i] == g]
+        if g not in encoded:
+            encoded[g] = encode_prefix(model, prompts[g])
+        index = torch.tensor(sub, device=response_ids.device)
+        parts.append(shared_response_hidden(
+            model, encoded[g], response_ids[index], response_mask[index],
+            contexts=None if contexts is None else [contexts[i] for i in sub],
+            micro_batch_size=micro_batch_size))
+        order.extend(sub)
+    hidden = torch.cat(parts)
+    if order == list(range(rows)):
+        return hidden
+    inverse = torch.empty(rows, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(rows)
+    return hidden[inverse.to(hidden.device)]

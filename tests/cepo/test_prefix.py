@@ -18,6 +18,7 @@ from cepo.prefix import (
     context_after,
     continuation_hidden,
     encode_prefix,
+    grouped_response_hidden,
     prefix_sharing_unsupported,
     resolve_prefix_sharing,
     shared_response_hidden,
@@ -53,7 +54,7 @@ def setup(request, tiny_dir, encoded):
         gen = torch.Generator().manual_seed(0)
         return text_model, text_groups(gen), 96
     by_length = sorted(encoded, key=lambda p: p.input_ids.numel())
-    prompts = [by_length[0].prefix(), by_length[-1].prefix(), by_length[len(by_length) // 2].prefix()]
+    prompts = [by_length[i].prefix() for i in (0, -1, len(by_length) // 2)]
     assert len({p.input_ids.numel() for p in prompts}) > 1
     assert any(p.pixel_values is not None for p in prompts)
     return (lambda: load_model(tiny_dir, device="cpu")), prompts, 300  # ids below the specials
@@ -291,3 +292,35 @@ def test_context_after_recovers_the_hint(encoded):
     if prompt.pixel_values is not None:  # the image-blind teacher prompt is its own prefix
         with pytest.raises(ValueError):
             context_after(prompt, blind.extend(hint))
+
+
+def test_grouped_rows_in_any_order_encode_each_prompt_once(monkeypatch):
+    """A micro-batch mixing groups (as in the scoring core): rows come back in their own order,
+    each prompt is encoded once, and a kept encoding is reused by a later call."""
+    import cepo.prefix as prefix_module
+
+    model = text_model()
+    gen = torch.Generator().manual_seed(9)
+    prompts = text_groups(gen)
+    group = [2, 0, 2, 1, 0]
+    ids = torch.randint(1, 96, (5, 4), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    hints = [torch.randint(1, 96, (i % 3,), generator=gen) for i in range(5)]
+    calls = []
+    real = prefix_module.encode_prefix
+    monkeypatch.setattr(prefix_module, "encode_prefix",
+                        lambda m, p: calls.append(p) or real(m, p))
+    kept = {}
+    with torch.no_grad():
+        got = grouped_response_hidden(model, prompts, group, ids, mask, contexts=hints,
+                                      encoded=kept)
+        again = grouped_response_hidden(model, prompts, group, ids, mask, encoded=kept)
+        want = unshared_hidden(model, [prompts[g].extend(h) for g, h in zip(group, hints)],
+                               ids, mask)
+        want_plain = unshared_hidden(model, [prompts[g] for g in group], ids, mask)
+    assert len(calls) == 3 and sorted(kept) == [0, 1, 2]
+    valid = mask.bool()[..., None]
+    assert_close(torch.where(valid, got, 0.0), torch.where(valid, want, 0.0), atol=2e-6)
+    assert_close(torch.where(valid, again, 0.0), torch.where(valid, want_plain, 0.0), atol=2e-6)
+    with pytest.raises(ValueError, match="group indices"):
+        grouped_response_hidden(model, prompts, [0, 1, 3, 0, 0], ids, mask)
