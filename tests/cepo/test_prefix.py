@@ -324,3 +324,57 @@ def test_grouped_rows_in_any_order_encode_each_prompt_once(monkeypatch):
     assert_close(torch.where(valid, again, 0.0), torch.where(valid, want_plain, 0.0), atol=2e-6)
     with pytest.raises(ValueError, match="group indices"):
         grouped_response_hidden(model, prompts, [0, 1, 3, 0, 0], ids, mask)
+
+
+class _SharedLoss(torch.nn.Module):
+    """A loss module whose one forward runs every group's prefix and continuations (as the
+    update's `PolicyLoss` would with sharing), so FSDP sees its blocks called many times."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch=None, shared: bool = True):
+        if batch is None:  # the no-op call `cepo.sharding.shard` makes to find the root
+            return None
+        prompts, group, ids, mask, coef = batch
+        if shared:
+            hidden = grouped_response_hidden(self.model, prompts, group, ids, mask)
+        else:
+            hidden = unshared_hidden(self.model, [prompts[g] for g in group], ids, mask)
+        return (logprobs(self.model, hidden, ids, mask) * coef).sum()
+
+
+def test_fsdp_sharded_shared_prefix_gradients(tmp_path):
+    """FSDP2 (cepo.sharding, a world of one): blocks run once per prefix and once per
+    continuation batch inside one root forward; the gradients are still the unshared ones."""
+    import torch.distributed as dist
+
+    from cepo import sharding
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    groups = text_groups(torch.Generator().manual_seed(0))
+    data = make_responses(torch.Generator().manual_seed(3), groups, 4, 96)
+    batch = (groups, [g for g in range(len(groups)) for _ in range(4)],
+             torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data]),
+             torch.randn(12, 7, generator=torch.Generator().manual_seed(1)))
+
+    def grads(shard: bool, shared: bool) -> dict[str, torch.Tensor]:
+        loss = _SharedLoss(prepare(text_model(), "full"))
+        if shard:
+            sharding.shard(loss, loss.model)
+            assert len(sharding.units(loss)) > 1  # the decoder blocks and the root
+        loss(batch, shared).backward()
+        return {n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
+                for n, p in loss.named_parameters() if p.grad is not None}
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        expected, got = grads(False, False), grads(True, True)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        assert_close(got[name], want, atol=GRAD_RTOL * want.abs().max().item(), what=name)
