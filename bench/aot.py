@@ -171,7 +171,7 @@ def _source(case: Case):
     of 16 get ``tt.divisibility``."""
     f, t = case.flags, "*" + case.dtype
     if case.kernel == "forward":
-        ptr = dict(H=t, W=t, B=t, Y="*i32", M_OUT="*fp32", D_OUT="*fp32", T_OUT="*fp32",
+        ptr = dict(H=t, W=t, B=t, Y="*i32", M_OUT="*fp32", DENOM_OUT="*fp32", T_OUT="*fp32",
                    E_OUT="*fp32")
         const = dict(INV_TEMP=1 / 0.7, HAS_BIAS=f["bias"], WITH_ENTROPY=f["entropy"],
                      UPCAST=False, DOT_PRECISION=case.precision, stride_hd=1, stride_wd=1)
@@ -186,7 +186,7 @@ def _source(case: Case):
                      stride_hd=1, stride_wd=1)
         div = ["DIM", "stride_hn", "stride_wv"]
     else:
-        ptr = dict(M="*fp32", Dn="*fp32", T="*fp32", E="*fp32", Y="*i32", ADV="*fp32",
+        ptr = dict(M="*fp32", DENOM="*fp32", T="*fp32", E="*fp32", Y="*i32", ADV="*fp32",
                    VALID="*i8" if f["adv"] else "*i32", HPARAMS="*fp32", TGT_OUT="*fp32",
                    LSE_OUT="*fp32", ENT_OUT="*fp32", LP_OUT="*fp32", DELTA_OUT="*fp32",
                    W_OUT="*fp32", AHAT_OUT="*fp32")

@@ -97,11 +97,13 @@ def evidence(pos: torch.Tensor, neg: torch.Tensor, adv: torch.Tensor, lam: float
     """Δ and Â from three separately computed log-prob streams, as a user writes it
     (docs/METHOD.md, "Advantages").
 
-    O(N); the same for every per-stream implementation so only the log-prob part differs.
+    O(N); the same for every per-stream implementation so only the log-prob part differs. The
+    formula is ``cepo_kernels.reference.cepo_advantages`` (the test oracle), not a copy of it.
     """
-    delta = pos - neg
-    w = torch.exp(torch.sign(adv) * delta).clamp(1 - eps_w, 1 + eps_w)
-    return delta, adv * ((1 - lam) + lam * w)
+    from cepo_kernels import reference
+
+    every = torch.ones_like(adv, dtype=torch.bool)
+    return pos - neg, reference.cepo_advantages(adv, pos, neg, every, lam=lam, eps_w=eps_w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ WINDOW = 3  # steps averaged at the start and at the end of the run
 
 def warmup_recipe() -> dict:
     """The warm-up recipe the run used (a changed recipe makes the committed results stale)."""
-    from cepo import warmup
+    from cepo.offline import warmup
 
     return {"recipe": warmup._RECIPE_VERSION, **dataclasses.asdict(warmup.WarmupConfig())}
 

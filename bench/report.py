@@ -35,7 +35,7 @@ NUMERIC = {"n", "d", "v", "mem_mib", "mem_vs_naive", "mem_vs_floor", "time_media
            "min_repeats", "max_repeats", "budget_s", "probe_n", "seed", "wall_s",
            "load_before", "load_after"}
 PACKAGES = ["torch", "triton", "liger-kernel", "trl", "cut-cross-entropy", "transformers",
-            "numpy", "matplotlib", "pytest-benchmark"]
+            "numpy", "matplotlib"]
 REPO = Path(__file__).resolve().parents[1]
 
 

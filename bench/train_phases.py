@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from bench import report
-from cepo.config import flatten
+from cepo.config import RENAMED, flatten
 
 ALGOS = ("grpo", "rlsd", "cepo")
 PHASES = ("rollout", "reward", "score", "update")  # in step order; "other" is the rest
@@ -49,7 +49,8 @@ RAW_KEYS = ("step", "reward/mean", "rollout/mixed_groups", "rollout/response_len
 SETTINGS = ("model.name", "data.train", "prompts_per_step", "rollout.group_size",
             "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "seed", "num_threads",
             "kernel_backend", "lora.enabled", "teacher.micro_batch_size",
-            "ppo.micro_batch_size", "ppo.mini_batches", "cepo.lam0", "cepo.lam_warmup_steps")
+            "ppo.micro_batch_size", "ppo.mini_batches", "cepo.lambda_init",
+            "cepo.lambda_warmup_steps")
 README_BEGIN = "<!-- train-phases:begin (python -m bench.train_phases --readme README.md) -->"
 README_END = "<!-- train-phases:end -->"
 DEFAULT_OUT = report.REPO / "bench/results" / report.machine_name("cpu") / "train_phases"
@@ -93,7 +94,7 @@ def train_once(algo: str, steps: int, run_dir: Path, train_args: list[str]) -> l
         return metrics
 
     argv = ["--algo", algo, "--steps", str(steps), "--output_dir", str(run_dir),
-            "--cepo.lam_warmup_steps", "0", "--val.every", "0", "--val.before_train", "false",
+            "--cepo.lambda_warmup_steps", "0", "--val.every", "0", "--val.before_train", "false",
             "--checkpoint.every", "0", "--log.progress", "false", *train_args]
     run_dir.mkdir(parents=True)
     with (open(run_dir / "stdout.log", "w") as log, contextlib.redirect_stdout(log),
@@ -160,15 +161,21 @@ def machine_info(settings: dict, load_before: str) -> dict:
             "git": report._git("rev-parse", "--short", "HEAD"), "settings": settings}
 
 
+def settings_of(result: dict) -> dict:
+    """The recorded settings under today's option names (older results used renamed ones)."""
+    return {RENAMED.get(k, k): v for k, v in result["meta"]["settings"].items()}
+
+
 def markdown(result: dict) -> str:
-    m, s, cfg = result["meta"], result["summary"], result["meta"]["settings"]
+    m, s, cfg = result["meta"], result["summary"], settings_of(result)
     lines = [
         f"# Training phases: GRPO vs RLSD vs CEPO ({m['machine']})", "",
         (f"`{result['command']}`: {m['date_utc']}, {m['cpu']} ({m['cores']} cores), torch "
          f"{m['torch']}, {cfg.get('num_threads')} thread(s); {cfg.get('model.name')}, "
          f"{cfg.get('prompts_per_step')} prompts × {cfg.get('rollout.group_size')} rollouts of "
          f"≤ {cfg.get('rollout.max_new_tokens')} tokens per step, constant λ = "
-         f"{cfg.get('cepo.lam0')}. {result['steps']} steps × {result['repeats']} run(s) per "
+         f"{cfg.get('cepo.lambda_init')}. {result['steps']} steps × {result['repeats']} run(s) "
+         "per "
          f"algorithm, interleaved; means per step over {s['grpo']['steps']} steps per algorithm "
          f"(the first {result['warmup']} of each run left out); total "
          f"{result['wall_s'] / 60:.1f} min."), "",
@@ -220,15 +227,17 @@ def config_drift(settings: dict) -> list[str]:
     from cepo.config import build_config, to_dict
 
     now = flatten(to_dict(build_config([])))
+    settings = {RENAMED.get(k, k): v for k, v in settings.items()}  # recorded before a rename
     return [f"{k} {settings[k]} (now {now.get(k)})" if k in settings
             else f"{k} not recorded (now {now.get(k)})"
-            for k in SETTINGS if k != "cepo.lam_warmup_steps" and settings.get(k) != now.get(k)]
+            for k in SETTINGS
+            if k != "cepo.lambda_warmup_steps" and settings.get(k) != now.get(k)]
 
 
 def render(results: Path) -> str:
     """The README paragraph: every figure read from ``results/train_phases.json`` (no run)."""
     result = json.loads((results / "train_phases.json").read_text())
-    m, s, cfg = result["meta"], result["summary"], result["meta"]["settings"]
+    m, s, cfg = result["meta"], result["summary"], settings_of(result)
     grpo, rlsd, cepo = (s[a] for a in ALGOS)
 
     def vs_grpo(a: dict) -> str:
@@ -247,7 +256,7 @@ def render(results: Path) -> str:
     text = (
         f"Teacher overhead, per phase (`{result['command']}`: the offline tiny run, GRPO, RLSD and "
         f"CEPO interleaved, {result['steps']} steps × {result['repeats']} runs each, constant λ = "
-        f"{cfg.get('cepo.lam0')}, {cfg['prompts_per_step']} prompts × "
+        f"{cfg.get('cepo.lambda_init')}, {cfg['prompts_per_step']} prompts × "
         f"{cfg['rollout.group_size']} rollouts of at most {tokens} new tokens per step, "
         + (f"temperature {temp}" if temp is not None else "temperature not recorded")
         + (f", lr {lr:g}" if lr is not None else "")

@@ -13,6 +13,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# Label of a token that no score or loss counts (padding after a response's end); the same value
+# as cepo_kernels' default ``ignore_index``.
+IGNORE_INDEX = -100
+
 
 @dataclass
 class Prefix:
@@ -101,3 +105,22 @@ def collate(
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat(grids) if grids else None,
     )
+
+
+def response_width(response_mask: torch.Tensor, rows: Sequence[int] | None = None) -> int:
+    """Columns a micro-batch of `rows` needs: its longest response (at least 1), so the padding
+    columns every row of it shares are never scored."""
+    mask = response_mask if rows is None else response_mask[rows]
+    return max(int(mask.sum(1).max()), 1) if mask.numel() else 1
+
+
+def response_labels(response_ids: torch.Tensor, response_mask: torch.Tensor,
+                    rows: Sequence[int] | None = None, width: int | None = None) -> torch.Tensor:
+    """Labels [b, t] of `rows` (all when None), cropped to `width` columns: the response ids,
+    `IGNORE_INDEX` where the mask is 0. The one place responses become kernel labels."""
+    ids, mask = response_ids, response_mask
+    if rows is not None:
+        ids, mask = ids[rows], mask[rows]
+    if width is not None:
+        ids, mask = ids[:, :width], mask[:, :width]
+    return ids.masked_fill(~mask.bool(), IGNORE_INDEX)

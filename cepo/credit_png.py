@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from cepo.credit import (
+from cepo.credit_style import (
     decisive_mask,
     display_token,
     fmt_adv,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cepo.offline  # noqa: F401 - registers the offline kit's names (tiny-warm, synthetic)
 from cepo.data import Example, encode_prompts
 from cepo.errors import UserError
 from cepo.grading import Grader
@@ -177,7 +178,9 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         raise UserError(f"{err.args[0] if err.args else err}; pass --data a local file or "
                         "directory and --split one it holds, or --data synthetic") from None
     if args.checkpoint:
-        model = _load_checkpoint_model(cfg, path, device)
+        from cepo.lora import load_checkpoint_model
+
+        model = load_checkpoint_model(cfg, path, device)
     else:
         model = load_model(args.model, device=device)
     torch.manual_seed(args.seed)
@@ -199,18 +202,6 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _load_checkpoint_model(cfg, path: Path, device: str) -> torch.nn.Module:
-    """The checkpoint's policy: base model + adapter, or the saved full model."""
-    from cepo.models import load_model
-
-    if (path / "adapter_model.safetensors").is_file():
-        from cepo.lora import load_adapter
-
-        base = load_model(cfg.model.name, device=device)
-        return load_adapter(base, path).eval()
-    return load_model(str(path), device=device)
 
 
 if __name__ == "__main__":

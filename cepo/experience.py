@@ -18,18 +18,16 @@ from typing import Literal
 
 import torch
 
-from cepo.advantages import group_advantages, mixed_groups
+from cepo.config import DEFAULT_EPS_W, TeacherConfig, check_eps_w
+from cepo.contexts import build_teacher_contexts
 from cepo.data import Example, encode_prompts
+from cepo.diagnostics import token_diagnostics
 from cepo.grading import DEFAULT_BATCH_BUDGET_S, Grader, check_grader
+from cepo.group_advantages import group_advantages, mixed_groups
 from cepo.reward import Rewards, compute_rewards
 from cepo.rollout import HFRolloutEngine, RolloutConfig, RolloutEngine, Rollouts
-from cepo.teachers import (
-    Scores,
-    TeacherConfig,
-    build_teacher_contexts,
-    score_rollouts,
-    score_student,
-)
+from cepo.scoring import Scores, score_rollouts, score_student
+from cepo_kernels.validation import check_weights_hparams
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class ExperienceConfig:
     """Settings of one experience step; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
 
     algo: Literal["cepo", "rlsd", "grpo"] = "cepo"
-    eps_w: float = 0.5
+    eps_w: float = DEFAULT_EPS_W["cepo"]  # checked by cepo.config.check_eps_w
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
     grader: str = "math_verify"  # or "mathruler" (the reference code's grader)
@@ -49,8 +47,7 @@ class ExperienceConfig:
     def __post_init__(self):
         if self.algo not in ("cepo", "rlsd", "grpo"):
             raise ValueError(f"algo must be 'cepo', 'rlsd' or 'grpo', got {self.algo!r}")
-        if not 0.0 <= self.eps_w < 1.0:
-            raise ValueError(f"eps_w must lie in [0, 1), got {self.eps_w}")
+        check_eps_w(self.eps_w, "eps_w")
         check_grader(self.grader)
 
 
@@ -64,6 +61,7 @@ class Experience:
     scores: Scores  # [N, T] old log-probs, teacher log-probs, Δ, w, Â
     wrong_answers: list[list[str]]  # P: the r- chosen per group (empty: fallback or no teachers)
     lam: float
+    eps_w: float  # the clip of the token weights this step was scored with
     metrics: dict[str, float]
 
     @property
@@ -106,8 +104,7 @@ def make_experience(
         grader: answer grader (default: one shared per process).
     """
     config = config or ExperienceConfig()
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    check_weights_hparams(lam, config.eps_w)  # the kernels' own range check, before any work
     engine = engine or HFRolloutEngine(model, processor)
     grader = grader or default_grader(config.grader_timeout_s, config.grader)
     timings = {}
@@ -165,12 +162,14 @@ def make_experience(
         )
     timings["time/score"] = time.perf_counter() - clock
 
-    metrics = step_metrics(rollouts, rewards, advantages, scores, wrong_answers, lam)
+    metrics = step_metrics(rollouts, rewards, advantages, scores, wrong_answers, lam,
+                           eps_w=config.eps_w)
     metrics["rollout/dropped_prompts"] = float(dropped)
     metrics["reward/grader_timeouts"] = float(grader.timeouts - timeouts_before)
     metrics["reward/grader_skipped"] = float(grader.skipped - skipped_before)  # budget spent
     metrics.update(timings)
-    return Experience(rollouts, rewards, advantages, scores, wrong_answers, lam, metrics)
+    return Experience(rollouts, rewards, advantages, scores, wrong_answers, lam, config.eps_w,
+                      metrics)
 
 
 def step_metrics(
@@ -180,11 +179,12 @@ def step_metrics(
     scores: Scores,
     wrong_answers: list[list[str]],
     lam: float,
+    *,
+    eps_w: float,
 ) -> dict[str, float]:
     """Scalar diagnostics of one step (names follow the reference's ``cepo/*`` metrics).
 
-    Δ statistics cover the teacher-scored response tokens only; ``delta_mean_pos`` should be > 0
-    (on correct rollouts r+ explains the tokens better than r-) and ``delta_mean_neg`` < 0.
+    Δ and w statistics cover the teacher-scored response tokens only (`cepo.diagnostics`).
     """
     mask = rollouts.response_mask.bool()  # [N, T]
     g = rollouts.group_size
@@ -204,16 +204,8 @@ def step_metrics(
     metrics["cepo/adv_post"] = post.abs().mean().item() if post.numel() else 0.0
     scored = mask & scores.teacher_scored[:, None]
     if scored.any():
-        delta = scores.delta[scored]
-        metrics["cepo/delta_mean"] = delta.mean().item()
-        metrics["cepo/delta_std"] = delta.std().item() if delta.numel() > 1 else 0.0
-        for sign, name in ((1, "pos"), (-1, "neg")):
-            side = scored & (torch.sign(advantages)[:, None] == sign)
-            if side.any():
-                d = scores.delta[side]
-                metrics[f"cepo/delta_mean_{name}"] = d.mean().item()
-                # wrong direction: r- explains a correct rollout's token better, or vice versa
-                metrics[f"cepo/frac_wrong_dir_{name}"] = (d * sign < 0).float().mean().item()
+        metrics.update(token_diagnostics(scores.delta, advantages, scored, scores.token_weight,
+                                         eps_w=eps_w))
         metrics["cepo/groups_without_neg"] = float(
             sum(1 for p, w in enumerate(wrong_answers) if mixed[p] and not w)
         )

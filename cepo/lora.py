@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cepo.config import LoraSettings, ModelConfig
+from cepo.config import AdapterConfig, ModelConfig
 from cepo.models import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def load_adapter(base: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mod
         return PeftModel.from_pretrained(base, str(path))
 
 
-def apply_lora(model: torch.nn.Module, settings: LoraSettings,
+def apply_lora(model: torch.nn.Module, settings: AdapterConfig,
                base_name: str | None = None) -> torch.nn.Module:
     """`model` wrapped by peft with fresh LoRA adapters (only the adapters require grad).
 
@@ -78,7 +78,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings,
     return peft_model
 
 
-def prepare_trainable(model: torch.nn.Module, lora: LoraSettings, mcfg: ModelConfig):
+def prepare_trainable(model: torch.nn.Module, lora: AdapterConfig, mcfg: ModelConfig):
     """The model to train: LoRA-wrapped, or the full model with the vision tower optionally
     frozen. Returns the model with exactly its trainable parameters requiring grad."""
     if lora.enabled:
@@ -130,16 +130,17 @@ def merge_adapter(checkpoint: str | os.PathLike, output: str | os.PathLike) -> P
     `checkpoint` is a checkpoint directory or a run directory (its latest checkpoint). The base
     model is the one named in the checkpoint's config.yaml. Weights keep the base's dtype.
     """
+    import cepo.offline  # noqa: F401 - registers the offline kit's names (tiny-warm)
     from cepo.checkpoint import resolve_checkpoint_path
     from cepo.config import from_yaml
-    from cepo.models import load_model, load_processor, resolve_checkpoint, save_processor_files
+    from cepo.models import load_model, load_processor, resolve_model_dir, save_processor_files
 
     path = resolve_checkpoint_path(checkpoint)
     if not (path / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no adapter_model.safetensors (a full fine-tuning "
                                 "checkpoint is already a complete model)")
     cfg = from_yaml(path / "config.yaml")
-    base_path = resolve_checkpoint(cfg.model.name)
+    base_path = resolve_model_dir(cfg.model.name)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}.get(cfg.model.dtype)
     base = load_model(base_path, device="cpu", dtype=dtype)
@@ -168,3 +169,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def load_checkpoint_model(cfg, path: Path, device: str) -> torch.nn.Module:
+    """A checkpoint's policy for evaluation: base model + adapter, or the saved full model."""
+    from cepo.models import load_model
+
+    if (path / "adapter_model.safetensors").is_file():
+        base = load_model(cfg.model.name, device=device)
+        return load_adapter(base, path).eval()
+    return load_model(str(path), device=device)

@@ -266,24 +266,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
-def weight_stats(exp, eps_w: float) -> dict[str, float]:
-    """How often the CEPO weight w_t hit its clip (docs/METHOD.md, "Advantages"), over
-    teacher-scored tokens."""
-    scores = exp.scores
-    mask = exp.response_mask.bool() & scores.teacher_scored[:, None]  # [N, T]
-    if not mask.any():
-        return {}
-    log_w = torch.sign(exp.advantages)[:, None] * scores.delta  # log of the unclipped w_t
-    high = (log_w > math.log1p(eps_w))[mask].float()
-    low = (log_w < math.log1p(-eps_w))[mask].float()
-    return {
-        "cepo/weight_clip_frac": (high + low).mean().item(),
-        "cepo/weight_clip_frac_high": high.mean().item(),
-        "cepo/weight_clip_frac_low": low.mean().item(),
-        "cepo/weight_mean": scores.weight[mask].mean().item(),
-    }
-
-
 def summarize(history: Iterable[dict[str, Any]], *, window: int = 3) -> dict[str, Any]:
     """Start vs end of a run: mean training reward of the first and last `window` steps, and the
     first and last validation accuracy/reward."""

@@ -2,8 +2,9 @@
 
 The kernels never see logits: they take the hidden states just before the lm_head plus the lm_head
 weight and compute log-probs of the chosen tokens in vocabulary tiles. So this module provides
-  * `load_model` / `load_processor` for a hub id, a local directory or ``"tiny"`` (the built-in
-    random model of `cepo.tiny`, the offline default), all through `from_pretrained`;
+  * `load_model` / `load_processor` for a hub id, a local directory or a name registered in
+    `cepo.registry` (``"tiny-warm"``, the offline default, once `cepo.offline` is imported), all
+    through `from_pretrained`;
   * `position_ids` computed by the model's own mRoPE index function for a `cepo.batch.ModelInputs`
     batch, so that student and teacher forwards agree to the bit;
   * `output_head` and `response_hidden`, which work for plain and peft-wrapped models.
@@ -28,13 +29,11 @@ from transformers import (
 )
 
 from cepo.batch import ModelInputs
-from cepo.errors import NotAvailable
 from cepo.data import set_image_pixels
+from cepo.errors import NotAvailable
+from cepo.registry import resolve_model_dir
 
 logger = logging.getLogger(__name__)
-
-TINY_ALIASES = {"tiny": "mini", "tiny-mini": "mini", "tiny-qwen": "qwen"}
-WARM_ALIAS = "tiny-warm"
 
 
 class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
@@ -72,20 +71,6 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
-    """Map ``"tiny"``, ``"tiny-mini"``, ``"tiny-qwen"`` to a built tiny directory and
-    ``"tiny-warm"`` to the warmed-up one (`cepo.warmup`, the offline default); pass others."""
-    if name_or_path == WARM_ALIAS:
-        from cepo.warmup import build_warm_tiny
-
-        return str(build_warm_tiny())
-    if name_or_path in TINY_ALIASES:
-        from cepo.tiny import build_tiny_model
-
-        return str(build_tiny_model(vocab=TINY_ALIASES[name_or_path]))
-    return name_or_path
-
-
 def load_processor(
     name_or_path: str, *, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs
 ):
@@ -96,7 +81,7 @@ def load_processor(
     (`cepo.data.set_image_pixels`; None: no bound), then by the processor's own rule.
     """
     global _FALLBACK_ANNOUNCED
-    path = resolve_checkpoint(name_or_path)
+    path = resolve_model_dir(name_or_path)
     try:
         model_type = AutoConfig.from_pretrained(path, **kwargs).model_type
     except OSError as err:
@@ -144,7 +129,7 @@ def not_available(name: str, err: OSError) -> NotAvailable:
     return NotAvailable(
         f"model {name!r} is not a local directory and could not be loaded from the hub (offline? "
         f"{why}); download it (huggingface-cli download {name}) and pass its directory instead, "
-        "or use the built-in offline model tiny-warm"
+        "or use the built-in offline model tiny-warm (registered by `import cepo.offline`)"
     )
 
 
@@ -158,11 +143,11 @@ def load_model(
 ) -> torch.nn.Module:
     """Load a Qwen3-VL (or any image-text-to-text) checkpoint with `AutoModelForImageTextToText`.
 
-    `name_or_path` is a hub id, a local directory, or ``"tiny"``/``"tiny-qwen"``. The model is
-    returned in eval mode on `device` (default: cuda if available) in `dtype` (default: see
+    `name_or_path` is a hub id, a local directory, or a registered name (`cepo.registry`). The
+    model is returned in eval mode on `device` (default: cuda if available) in `dtype` (default: see
     `default_dtype`).
     """
-    path = resolve_checkpoint(name_or_path)
+    path = resolve_model_dir(name_or_path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     kwargs = {"dtype": dtype}
@@ -257,15 +242,19 @@ def forward_hidden(model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
 
 
 def response_hidden(model: torch.nn.Module, inputs: ModelInputs, response_len: int) -> torch.Tensor:
-    """Hidden states [B, T, D] that predict the last `response_len` tokens of every row.
+    """Hidden states [B, T, D] that predict the last `response_len` tokens of every row."""
+    return response_slice(forward_hidden(model, inputs), response_len)
+
+
+def response_slice(hidden: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The columns [B, T, D] of full-row hidden states [B, L, D] that predict the response.
 
     Rows are `[left pad | context | response (T, right-padded)]`, so response token j sits at
     column L - T + j and is predicted by the hidden state one column earlier.
     """
-    length = inputs.input_ids.shape[1]
+    length = hidden.shape[1]
     if not 0 < response_len < length:
         raise ValueError(f"response_len must be in [1, {length - 1}], got {response_len}")
-    hidden = forward_hidden(model, inputs)  # [B, L, D]
     return hidden[:, length - response_len - 1 : length - 1]
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from cepo import checkpoint as ckpt
 from cepo import sharding
-from cepo.config import TrainConfig, flatten, save_yaml, to_dict
+from cepo.config import RENAMED, TrainConfig, flatten, save_yaml, to_dict
 from cepo.integrity import first_nonfinite
 from cepo.models import save_processor_files
 from cepo.rundir import fault_point
@@ -113,6 +113,7 @@ def find_resume_point(cfg: TrainConfig, run_dir: Path, accelerator) -> Path | No
 def load_checkpoint_weights(cfg: TrainConfig, found: Path, model, accelerator) -> None:
     """Resume, part 1 (before any wrapping): warn about changed settings, load the weights."""
     saved = flatten(yaml.safe_load((found / "config.yaml").read_text()))
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # a checkpoint from before a rename
     volatile = ("steps", "resume", "log.", "checkpoint.", "val.", "num_threads", "sharding")
     changed = {k: (v, saved.get(k)) for k, v in flatten(to_dict(cfg)).items()
                if saved.get(k) != v and not k.startswith(volatile)}

@@ -14,30 +14,9 @@ from typing import Protocol
 import torch
 
 from cepo.batch import ModelInputs, collate
+from cepo.config import RolloutConfig
 from cepo.data import EncodedPrompt
 from cepo.models import unwrap_model
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling settings; defaults are docs/METHOD.md, "Presets" (preset `paper`)."""
-
-    group_size: int = 8  # G completions per prompt
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 2048
-    max_prompt_tokens: int = 768  # longer prompts are dropped (never truncated: images)
-    generation_batch_size: int | None = None  # sequences per `generate` call; None = all at once
-
-    def __post_init__(self):
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
-                f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
-            )
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

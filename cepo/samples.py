@@ -20,13 +20,13 @@ from cepo.rundir import inside
 SAMPLES_FILE = "samples.jsonl"
 
 
-def pick_rollouts(exp, count: int) -> list[int]:
+def pick_rollouts(experience, count: int) -> list[int]:
     """Rows to show: the highest- and lowest-advantage rollout of the first groups that mix
     rewards, up to `count` rows."""
-    group = exp.rollouts.group_size
+    group = experience.rollouts.group_size
     rows: list[int] = []
-    for start in range(0, exp.rollouts.num_rollouts, group):
-        adv = exp.advantages[start : start + group]
+    for start in range(0, experience.rollouts.num_rollouts, group):
+        adv = experience.advantages[start : start + group]
         if len(rows) >= count:
             break
         if bool((adv != 0).any()):
@@ -35,15 +35,15 @@ def pick_rollouts(exp, count: int) -> list[int]:
     return rows
 
 
-def sample_records(exp, tokenizer, step: int, count: int) -> list[dict[str, Any]]:
+def sample_records(experience, tokenizer, step: int, count: int) -> list[dict[str, Any]]:
     """The JSON records of `pick_rollouts`; decimals rounded to keep the file readable."""
-    rollouts, scores = exp.rollouts, exp.scores
+    rollouts, scores = experience.rollouts, experience.scores
     records = []
-    for row in pick_rollouts(exp, count):
+    for row in pick_rollouts(experience, count):
         prompt = rollouts.prompts[row // rollouts.group_size]
         mask = rollouts.response_mask[row].bool()
         ids = rollouts.response_ids[row][mask].tolist()
-        wrong = exp.wrong_answers[row // rollouts.group_size]
+        wrong = experience.wrong_answers[row // rollouts.group_size]
         records.append({
             "step": step,
             "rollout": row,
@@ -51,13 +51,14 @@ def sample_records(exp, tokenizer, step: int, count: int) -> list[dict[str, Any]
             "answer": prompt.example.answer,
             "wrong_answer": wrong[0] if wrong else None,
             "response": rollouts.texts[row],
-            "reward": round(float(exp.rewards.reward[row]), 4),
-            "advantage": round(float(exp.advantages[row]), 4),
+            "reward": round(float(experience.rewards.reward[row]), 4),
+            "advantage": round(float(experience.advantages[row]), 4),
             "teachers": bool(scores.teacher_scored[row]),
             "tokens": [
                 [tokenizer.decode([tok]), round(float(d), 4), round(float(w), 4),
                  round(float(a), 4)]
-                for tok, d, w, a in zip(ids, scores.delta[row][mask], scores.weight[row][mask],
+                for tok, d, w, a in zip(ids, scores.delta[row][mask],
+                                        scores.token_weight[row][mask],
                                         scores.token_advantages[row][mask])
             ],
         })
@@ -82,10 +83,10 @@ class SampleWriter:
         else:
             self.path.write_text("")
 
-    def write(self, exp, tokenizer, step: int) -> None:
+    def write(self, experience, tokenizer, step: int) -> None:
         if not self.enabled:
             return
-        records = sample_records(exp, tokenizer, step, self.count)
+        records = sample_records(experience, tokenizer, step, self.count)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             f.flush()

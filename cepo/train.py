@@ -28,19 +28,25 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from cepo import checkpoint as ckpt
-from cepo import resume, sharding
 from cepo.config import (
     ConfigError,
     TrainConfig,
     build_config,
+    exit_if_help,
     help_text,
     parse_args,
     save_yaml,
     to_dict,
 )
+
+if __name__ == "__main__":  # --help prints before the torch and trainer imports below (< 1 s)
+    exit_if_help(sys.argv[1:])
+
+import torch
+
+import cepo.offline  # noqa: F401 - registers the offline kit's names (tiny-warm, synthetic)
+from cepo import checkpoint as ckpt
+from cepo import resume, sharding
 from cepo.data import Example, iter_batches, load_split
 from cepo.errors import UserError
 from cepo.eval import evaluate
@@ -54,9 +60,8 @@ from cepo.metrics import (
     reduce_across,
     reset_peak_memory,
     summarize,
-    weight_stats,
 )
-from cepo.models import load_model, load_processor, resolve_checkpoint
+from cepo.models import load_model, load_processor, resolve_model_dir
 from cepo.plot import draw_curves
 from cepo.rollout import HFRolloutEngine
 from cepo.rundir import UnsafePathError, fault_point, inside
@@ -112,8 +117,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One rollout batch: prompts → rollouts → rewards → Â → PPO update → metrics."""
     cfg, clock = run.cfg, time.perf_counter()
     seed_step(cfg.seed, step, run.rank)
-    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps,
-                                                cfg.cepo.lam_offset)
+    lam = 0.0 if cfg.algo == "grpo" else lam_at(step, cfg.cepo.lambda_init,
+                                                cfg.cepo.lambda_warmup_steps,
+                                                cfg.cepo.lambda_offset)
     lr = lr_at(step, lr=cfg.lr, total_steps=run.schedule_steps, schedule=cfg.optim.schedule,
                warmup_steps=cfg.optim.warmup_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
     for group in run.optimizer.param_groups:
@@ -128,24 +134,24 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     device = run.accelerator.device
     reset_peak_memory(device)
     with sharding.full_weights(run.policy):  # FSDP: gathered once for the whole phase
-        exp = make_experience(run.model, run.processor, examples, lam=lam,
-                              config=run.experience, engine=run.engine,
-                              grader=default_grader(cfg.grader_timeout_s, cfg.grader))
+        experience = make_experience(run.model, run.processor, examples, lam=lam,
+                                     config=run.experience, engine=run.engine,
+                                     grader=default_grader(cfg.grader_timeout_s, cfg.grader))
     peaks = {"experience": peak_memory_gib(device)}
     reset_peak_memory(device)
 
     # 5. PPO on mini-batches: fused log-probs + dual-clip loss, accumulation, clipping, AdamW
-    update = ppo_update(run.policy, run.optimizer, exp, cfg.ppo, grad_clip=cfg.optim.grad_clip,
-                        accelerator=run.accelerator, generator=step_generator(cfg.seed, step),
-                        guard=run.guard)
+    update = ppo_update(run.policy, run.optimizer, experience, cfg.ppo,
+                        grad_clip=cfg.optim.grad_clip, accelerator=run.accelerator,
+                        generator=step_generator(cfg.seed, step), guard=run.guard)
 
     peaks["update"] = peak_memory_gib(device)
-    run.samples.write(exp, run.processor.tokenizer, step)
+    run.samples.write(experience, run.processor.tokenizer, step)
 
     # 6. metrics, averaged over processes (memory: the largest process)
-    metrics = {**exp.metrics, **weight_stats(exp, cfg.cepo.eps_w), **update, "lr": lr,
+    metrics = {**experience.metrics, **update, "lr": lr,
                **memory_stats(run.model, run.optimizer, peaks)}
-    generated = float(exp.response_mask.sum())
+    generated = float(experience.response_mask.sum())
     metrics["tokens/generated"] = generated
     metrics["throughput/rollout_tok_s"] = generated / max(metrics["time/rollout"], 1e-9)
     metrics["throughput/score_tok_s"] = generated / max(metrics["time/score"], 1e-9)
@@ -306,7 +312,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # same LoRA init on every process
     with accelerator.main_process_first():  # the first process builds "tiny-warm", others reuse
-        model_path = resolve_checkpoint(cfg.model.name)
+        model_path = resolve_model_dir(cfg.model.name)
         processor = load_processor(model_path, min_pixels=cfg.data.min_pixels,
                                    max_pixels=cfg.data.max_pixels)
     # the data before the model: a bad file or row is reported before minutes of loading

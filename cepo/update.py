@@ -27,14 +27,12 @@ from collections import defaultdict
 
 import torch
 
-from cepo.batch import ModelInputs
+from cepo.batch import IGNORE_INDEX, ModelInputs, response_labels, response_width
 from cepo.config import PPOConfig
 from cepo.experience import Experience
 from cepo.models import output_head, response_hidden
 from cepo_kernels import CEPOLoss
 from cepo_kernels.loss import PPOLossOutput
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteError(RuntimeError):
@@ -108,7 +106,7 @@ class PolicyLoss(torch.nn.Module):
 def ppo_update(
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    exp: Experience,
+    experience: Experience,
     ppo: PPOConfig,
     *,
     grad_clip: float,
@@ -125,12 +123,12 @@ def ppo_update(
     guard = guard if guard is not None else NonFiniteGuard(limit=3)
     skipped = 0
     clock = time.perf_counter()
-    rollouts = exp.rollouts
+    rollouts = experience.rollouts
     device = accelerator.device
     world = accelerator.num_processes
     n = rollouts.num_rollouts
     mask_all = rollouts.response_mask.bool()  # [N, T]
-    labels_all = rollouts.response_ids.masked_fill(~mask_all, IGNORE_INDEX)
+    labels_all = response_labels(rollouts.response_ids, mask_all)
     params = [p for p in policy.parameters() if p.requires_grad]
     sums: dict[str, float] = defaultdict(float)
     extremes: dict[str, list[float]] = defaultdict(list)
@@ -155,7 +153,7 @@ def ppo_update(
             for i in range(n_micro):
                 real = i < len(micro)
                 sub = micro[i] if real else micro[-1]  # padding pass: zero loss, same graph
-                t = max(int(mask_all[sub].sum(1).max()), 1)  # drop shared padding columns
+                t = response_width(mask_all, sub)  # drop shared padding columns
                 mask = mask_all[sub, :t].to(device)
                 scale = _scale(ppo.aggregation, mask, total, world) if real else 0.0
                 sync = i == n_micro - 1
@@ -164,8 +162,8 @@ def ppo_update(
                     out = policy(
                         rollouts.student_inputs(sub, width=t).to(device),
                         labels_all[sub, :t].to(device),
-                        exp.old_logprobs[sub, :t].to(device),
-                        exp.token_advantages[sub, :t].to(device),
+                        experience.old_logprobs[sub, :t].to(device),
+                        experience.token_advantages[sub, :t].to(device),
                         mask,
                         normalizer=_normalizer(ppo.aggregation, total, world, rollouts),
                     )

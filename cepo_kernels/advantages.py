@@ -20,7 +20,7 @@ from .validation import check_finite, check_mask, check_tensor, check_weights_hp
 
 class TokenWeights(NamedTuple):
     delta: torch.Tensor       # Δ_t, fp32, shaped like the log-probs
-    weight: torch.Tensor      # clipped w_t
+    token_weight: torch.Tensor  # clipped w_t
     advantages: torch.Tensor  # Â_t
 
 
@@ -48,7 +48,7 @@ def token_weights(advantages, pos_logprobs, neg_logprobs, mask, *, lam, eps_w) -
     a_hat = adv * ((1.0 - lam) + lam * w)
     if mask is not None:
         a_hat = torch.where(mask, a_hat, torch.zeros_like(a_hat))
-    return TokenWeights(delta=delta, weight=w, advantages=a_hat)
+    return TokenWeights(delta=delta, token_weight=w, advantages=a_hat)
 
 
 def cepo_advantages(advantages: torch.Tensor, pos_logprobs: torch.Tensor,

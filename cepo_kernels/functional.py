@@ -12,8 +12,10 @@ import torch
 
 from . import advantages as _adv
 from .backend import resolve_backend
-from .ops import torch_chunked
-from .ops.autograd import LinearLogProbsFunction, LogProbParams, forward_stats
+from .ops import params as _p
+from .ops.autograd import LinearLogProbsFunction
+from .ops.params import ContrastParams, LogProbParams
+from .ops.table import ops_for
 from .validation import (
     check_finite,
     check_label_values,
@@ -45,10 +47,19 @@ class ContrastiveEvidence(NamedTuple):
     policy: torch.Tensor      # log P_S(y_t): the old log-probs of the PPO update
     pos: torch.Tensor
     neg: torch.Tensor
-    delta: torch.Tensor       # Δ_t = pos − neg
-    weight: torch.Tensor      # clip(exp(sign(A)Δ), 1 − ε_w, 1 + ε_w)
-    advantages: torch.Tensor  # Â_t, 0 at ignored / masked tokens
+    delta: torch.Tensor         # Δ_t = pos − neg
+    token_weight: torch.Tensor  # w_t = clip(exp(sign(A)Δ), 1 − ε_w, 1 + ε_w)
+    advantages: torch.Tensor    # Â_t, 0 at ignored / masked tokens
     backend: str
+
+
+class _Weighting(NamedTuple):
+    """The CEPO inputs of ``contrastive_evidence``, as the caller gave them."""
+
+    advantages: torch.Tensor    # per token (like labels) or per sequence
+    mask: Optional[torch.Tensor]
+    lam: float
+    eps_w: float
 
 
 def _prepare(hidden, weight, labels, bias, temperature, ignore_index, validate, name="hidden",
@@ -77,8 +88,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           backend: str = "auto", validate: bool = True,
-                          chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
-                          chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB) -> LogProbsOutput:
+                          chunk_tokens: Optional[int] = _p.DEFAULT_CHUNK_TOKENS,
+                          chunk_vocab: int = _p.DEFAULT_CHUNK_VOCAB) -> LogProbsOutput:
     """log softmax((h·Wᵀ + b)/τ)[y] per token, without materialising the logits.
 
     Args:
@@ -127,29 +138,21 @@ def _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels, bias, temper
     return streams, k, labels.reshape(-1)
 
 
-def _mixture(neg_lps: torch.Tensor) -> torch.Tensor:
-    """logmeanexp over the K wrong-answer streams ([K, N] → [N])."""
-    if neg_lps.shape[0] == 1:
-        return neg_lps[0]
-    return torch.logsumexp(neg_lps, dim=0) - torch.log(torch.tensor(float(neg_lps.shape[0]),
-                                                                    dtype=neg_lps.dtype))
-
-
 @torch.no_grad()
 def contrastive_logprobs(policy_hidden, pos_hidden, neg_hidden, weight, labels, *, bias=None,
                          temperature: float = 1.0, ignore_index: int = -100,
                          backend: str = "auto", validate: bool = True,
-                         chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
-                         chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
+                         chunk_tokens: Optional[int] = _p.DEFAULT_CHUNK_TOKENS,
+                         chunk_vocab: int = _p.DEFAULT_CHUNK_VOCAB
                          ) -> ContrastiveLogProbs:
     """Log-probs of the student and both teachers for the same tokens, in ONE pass over W.
 
     ``neg_hidden`` is shaped like ``policy_hidden`` (K = 1) or (K, ...) for K wrong answers,
     whose log-probs are mixed as logmeanexp_k. No gradient.
     """
-    ev = _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, None, None, 0.0, 0.0,
-                      bias, temperature, ignore_index, backend, validate, chunk_tokens,
-                      chunk_vocab)
+    ev = _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, bias=bias,
+                      temperature=temperature, ignore_index=ignore_index, backend=backend,
+                      validate=validate, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     return ContrastiveLogProbs(ev.policy, ev.pos, ev.neg, ev.backend)
 
 
@@ -158,8 +161,8 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
                          mask: Optional[torch.Tensor] = None, lam: float, eps_w: float,
                          bias=None, temperature: float = 1.0, ignore_index: int = -100,
                          backend: str = "auto", validate: bool = True,
-                         chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS,
-                         chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
+                         chunk_tokens: Optional[int] = _p.DEFAULT_CHUNK_TOKENS,
+                         chunk_vocab: int = _p.DEFAULT_CHUNK_VOCAB
                          ) -> ContrastiveEvidence:
     """The fused experience step: three log-prob streams plus Δ, w and Â
     (docs/METHOD.md, "Advantages").
@@ -170,49 +173,41 @@ def contrastive_evidence(policy_hidden, pos_hidden, neg_hidden, weight, labels, 
     that the advantages of the tokens that count are finite (and a non-bool mask holds 0/1).
     """
     check_weights_hparams(lam, eps_w)
-    return _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantages, mask,
-                        lam, eps_w, bias, temperature, ignore_index, backend, validate,
-                        chunk_tokens, chunk_vocab)
+    return _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, bias=bias,
+                        temperature=temperature, ignore_index=ignore_index, backend=backend,
+                        validate=validate, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
+                        weighting=_Weighting(advantages, mask, lam, eps_w))
 
 
-def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, advantages, mask, lam,
-                 eps_w, bias, temperature, ignore_index, backend, validate, chunk_tokens,
-                 chunk_vocab) -> ContrastiveEvidence:
-    streams, k, flat_labels = _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels,
+def _contrastive(policy_hidden, pos_hidden, neg_hidden, weight, labels, *, bias, temperature,
+                 ignore_index, backend, validate, chunk_tokens, chunk_vocab,
+                 weighting=None) -> ContrastiveEvidence:
+    """Both public three-stream functions; without ``weighting`` (log-probs only) Δ, w and Â
+    are None."""
+    streams, _, flat_labels = _streams(policy_hidden, pos_hidden, neg_hidden, weight, labels,
                                        bias, temperature, ignore_index, validate)
     chosen = resolve_backend(backend, policy_hidden.device, policy_hidden.dtype)
     lead = labels.shape
-    valid = flat_labels != ignore_index
-    adv = None
-    if advantages is not None:
-        adv = _adv.broadcast_advantages(advantages.to(labels.device), labels).reshape(-1)
-        if mask is not None:
-            valid = valid & check_mask(mask, labels, "labels", validate=validate).reshape(-1)
+    cepo = None
+    if weighting is not None:
+        valid = flat_labels != ignore_index
+        adv = _adv.broadcast_advantages(weighting.advantages.to(labels.device), labels)
+        adv = adv.reshape(-1)
+        if weighting.mask is not None:
+            valid = valid & check_mask(weighting.mask, labels, "labels",
+                                       validate=validate).reshape(-1)
         if validate:
             check_finite("advantages", adv, where=valid)
+        cepo = ContrastParams(advantages=adv, valid=valid, lam=float(weighting.lam),
+                              eps_w=float(weighting.eps_w))
     if flat_labels.numel() == 0:
         z = torch.zeros(lead, dtype=torch.float32, device=labels.device)
         return ContrastiveEvidence(z, z, z, z, z.clone() + 1.0, z, chosen)
 
-    if chosen == "triton":
-        from .ops import triton_launch
-
-        out = triton_launch.contrastive(streams, weight, bias, flat_labels, num_neg=k,
-                                        temperature=float(temperature), ignore_index=ignore_index,
-                                        advantages=adv, valid=valid, lam=float(lam),
-                                        eps_w=float(eps_w))
-    else:
-        params = LogProbParams(backend="torch", temperature=float(temperature),
-                               ignore_index=ignore_index, chunk_tokens=chunk_tokens,
-                               chunk_vocab=chunk_vocab)
-        stats = forward_stats(streams, weight, bias, flat_labels, params)
-        lps = stats.logprobs(flat_labels != ignore_index).float()
-        policy, pos, neg = lps[0], lps[1], _mixture(lps[2:])
-        if adv is None:
-            out = (policy, pos, neg, None, None, None)
-        else:
-            tw = _adv.token_weights(adv, pos, neg, valid, lam=lam, eps_w=eps_w)
-            out = (policy, pos, neg, tw.delta, tw.weight, tw.advantages)
+    params = LogProbParams(backend=chosen, temperature=float(temperature),
+                           ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                           chunk_vocab=chunk_vocab)
+    out = ops_for(params).contrastive(streams, weight, bias, flat_labels, params, cepo=cepo)
     shaped = [None if t is None else t.view(lead) for t in out]
     return ContrastiveEvidence(*shaped, chosen)
 

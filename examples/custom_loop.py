@@ -6,7 +6,7 @@
                                (and the student's log-probs, the PPO old log-probs)
     3. CEPOLoss                hidden states with grad + Â → dual-clip PPO loss → backward
 
-Runs on the CPU in seconds on the tiny random Qwen3-VL of `cepo.tiny`:
+Runs on the CPU in seconds on the tiny random Qwen3-VL of `cepo.offline.tiny`:
 
     python examples/custom_loop.py --steps 2
 """
@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from cepo.grading import extract_boxed
-from cepo.teachers import select_wrong_answers
-from cepo.tiny import build_tiny_model
+from cepo.negatives import select_wrong_answers
+from cepo.offline.tiny import build_tiny_model
 from cepo_kernels import CEPOLoss, contrastive_evidence
 
 LAMBDA_INIT, WARMUP, EPS_W = 0.5, 25, 0.5  # docs/METHOD.md, "Presets", paper preset

@@ -22,10 +22,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from cepo.data import FORMAT_SUFFIX, synthetic_dataset
+from cepo.data import FORMAT_SUFFIX
 from cepo.grading import extract_boxed
-from cepo.tiny import build_tiny_model
-from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer
+from cepo.integrations.trl import CEPOConfig, CEPOGRPOTrainer
+from cepo.offline.synthetic import synthetic_dataset
+from cepo.offline.tiny import build_tiny_model
 
 
 def build_tiny_text_model(directory: Path, tokenizer_dir: str | Path) -> Path:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> CEPOGRPOTrainer:
             per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
             learning_rate=1e-3, logging_steps=1, save_strategy="no", seed=0,
             remove_unused_columns=False,  # keep the answer column
-            cepo_lambda_warmup=2,  # λ: 0.5 at the first generation batch, 0.25 at the second
+            cepo_lambda_warmup_steps=2,  # λ: 0.5 at the first generation batch, 0.25 at the second
             cepo_min_pixels=128 * 128, cepo_max_pixels=128 * 128)  # tiny images for the tiny VL
         trainer = CEPOGRPOTrainer(model, reward_funcs=reward, args=config, train_dataset=dataset)
         trainer.train()

@@ -8,7 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
+
+import cepo.offline  # noqa: F401 - the offline kit's model and dataset names (tiny-warm, ...)
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from bench import train_phases
-from cepo.tiny import build_tiny_model
-from cepo.warmup import WarmupConfig, build_warm_tiny
+from cepo.offline.tiny import build_tiny_model
+from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,11 @@ def test_committed_offline_run_is_the_current_default():
     import yaml
 
     from bench import offline_run
-    from cepo.config import build_config, flatten, to_dict
+    from cepo.config import RENAMED, build_config, flatten, to_dict
 
     results = _offline_results()
     saved = flatten(yaml.safe_load((results / "config.yaml").read_text()))
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # a run from before a rename
     current = flatten(to_dict(build_config([])))
     current.pop("output_dir")
     assert saved == current

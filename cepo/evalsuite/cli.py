@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import cepo.offline  # noqa: F401 - registers the offline kit's names (tiny-warm)
 from cepo.evalsuite import report
 from cepo.evalsuite.benchmarks import PAPER_SETTINGS, SamplingSettings, select
 
@@ -116,9 +117,9 @@ def _base_name(ckpt: Path) -> str:
 def _served_model(args, ckpt: Path | None, out: Path) -> tuple[str, str]:
     """(model name for the table, directory or hub id vLLM loads); a LoRA run is merged."""
     if ckpt is None:
-        from cepo.models import resolve_checkpoint
+        from cepo.models import resolve_model_dir
 
-        return args.model, resolve_checkpoint(args.model)
+        return args.model, resolve_model_dir(args.model)
     name = _base_name(ckpt)
     if not (ckpt / "adapter_model.safetensors").is_file():
         return name, str(ckpt)  # full fine-tuning: the checkpoint is a complete model
@@ -152,10 +153,10 @@ def _native(args, ckpt: Path | None, benchmarks, settings: SamplingSettings):
         torch.set_num_threads(args.num_threads)
     if ckpt is not None:
         from cepo.config import from_yaml
-        from cepo.eval import _load_checkpoint_model
+        from cepo.lora import load_checkpoint_model
 
         name = _base_name(ckpt)
-        model = _load_checkpoint_model(from_yaml(ckpt / "config.yaml"), ckpt, device)
+        model = load_checkpoint_model(from_yaml(ckpt / "config.yaml"), ckpt, device)
     else:
         name, model = args.model, load_model(args.model, device=device)
     processor = load_processor(name)

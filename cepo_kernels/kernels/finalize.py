@@ -2,8 +2,8 @@
 
 One program per BLOCK_N tokens, reading the [SPLITS, S·N] partials of ``forward.py``:
 
-    lse = M + log Σ_k d_k e^{m_k − M}         (M = max_k m_k)
-    lp  = t − lse  (0 at ignored labels)       H = lse − Σ_k e_k e^{m_k − M} / Σ_k d_k e^{m_k − M}
+    lse = M + log Σ_k denom_k e^{m_k − M}     (M = max_k m_k)
+    lp  = t − lse  (0 at ignored labels)       H = lse − Σ_k e_k e^{m_k − M} / Σ_k denom_k e^{m_k − M}
 
 With CONTRASTIVE the streams are (policy, pos, neg_1..neg_K), and the same program computes
 
@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def finalize_kernel(
-    M, Dn, T, E,                     # partial stats [SPLITS, S*N] fp32
+    M, DENOM, T, E,                  # partial stats [SPLITS, S*N] fp32
     Y, ADV, VALID, HPARAMS,          # labels [N], Â inputs: A [N] fp32, valid [N] int8, (λ, lo, hi)
     TGT_OUT, LSE_OUT, ENT_OUT,       # [S, N] fp32
     LP_OUT,                          # [3, N] fp32: policy, pos, neg mixture (CONTRASTIVE)
@@ -48,20 +48,20 @@ def finalize_kernel(
         big = tl.full([BLOCK_N], float("-inf"), tl.float32)
         for k in range(SPLITS):
             big = tl.maximum(big, tl.load(M + k * num_rows + rows, mask=ok, other=0.0))
-        dsum = tl.zeros([BLOCK_N], tl.float32)
+        denom_sum = tl.zeros([BLOCK_N], tl.float32)
         tsum = tl.zeros([BLOCK_N], tl.float32)
         esum = tl.zeros([BLOCK_N], tl.float32)
         for k in range(SPLITS):
             sc = tl.exp(tl.load(M + k * num_rows + rows, mask=ok, other=0.0) - big)
-            dsum += tl.load(Dn + k * num_rows + rows, mask=ok, other=1.0) * sc
+            denom_sum += tl.load(DENOM + k * num_rows + rows, mask=ok, other=1.0) * sc
             tsum += tl.load(T + k * num_rows + rows, mask=ok, other=0.0)
             if WITH_ENTROPY:
                 esum += tl.load(E + k * num_rows + rows, mask=ok, other=0.0) * sc
-        lse = big + tl.log(dsum)
+        lse = big + tl.log(denom_sum)
         tl.store(TGT_OUT + s * N + toks, tsum, mask=ok)
         tl.store(LSE_OUT + s * N + toks, lse, mask=ok)
         if WITH_ENTROPY:
-            tl.store(ENT_OUT + s * N + toks, lse - esum / dsum, mask=ok)
+            tl.store(ENT_OUT + s * N + toks, lse - esum / denom_sum, mask=ok)
         lp = tl.where(labelled, tsum - lse, 0.0)
 
         # 2. sort the streams into roles (s is a compile-time constant)

@@ -8,9 +8,9 @@ Grid (axis 0 only, so N·S far above 65,535 works): row_blocks × SPLITS, row bl
 programs running together share the same W tiles in L2. Program (r, k) covers vocab columns
 [k·V_PER_SPLIT, (k+1)·V_PER_SPLIT) and writes four partial statistics per row to [SPLITS, S·N]:
 
-    m = max_v z_v,  d = Σ_v exp(z_v − m),  t = z_y if y in range else 0,  e = Σ_v exp(z_v − m)·z_v
+    m = max_v z_v,  denom = Σ_v exp(z_v − m),  t = z_y if y in range else 0,  e = Σ_v exp(z_v − m)·z_v
 
-which ``finalize.py`` merges: lse = M + log Σ_k d_k e^{m_k − M},  Σ p·z = Σ_k e_k e^{m_k−M} / Σ d.
+which ``finalize.py`` merges: lse = M + log Σ_k denom_k e^{m_k − M},  Σ p·z = Σ_k e_k e^{m_k−M} / Σ denom.
 z = (h·Wᵀ + b)·INV_TEMP is accumulated in fp32; running maxima start at −inf.
 """
 
@@ -24,7 +24,7 @@ from .tl_utils import logit_tile
 def logit_stats_fwd_kernel(
     # pointers
     H, W, B, Y,                      # hidden [S, N, D] (strided), weight [V, D], bias [V], y [N]
-    M_OUT, D_OUT, T_OUT, E_OUT,      # partial stats, each [SPLITS, S*N] fp32
+    M_OUT, DENOM_OUT, T_OUT, E_OUT,  # partial stats, each [SPLITS, S*N] fp32
     # sizes
     S, N, V, DIM, V_PER_SPLIT,
     # strides (elements)
@@ -55,7 +55,7 @@ def logit_stats_fwd_kernel(
     v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
 
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    d = tl.zeros([BLOCK_R], tl.float32)
+    denom = tl.zeros([BLOCK_R], tl.float32)
     t = tl.zeros([BLOCK_R], tl.float32)
     e = tl.zeros([BLOCK_R], tl.float32)
 
@@ -73,7 +73,7 @@ def logit_stats_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         p = tl.exp(z - m_new[:, None])
-        d = d * scale + tl.sum(p, axis=1)
+        denom = denom * scale + tl.sum(p, axis=1)
         if WITH_ENTROPY:
             e = e * scale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)
         m = m_new
@@ -81,7 +81,7 @@ def logit_stats_fwd_kernel(
     # 5. partial statistics of this split
     out = split * num_rows + rows
     tl.store(M_OUT + out, m, mask=row_ok)
-    tl.store(D_OUT + out, d, mask=row_ok)
+    tl.store(DENOM_OUT + out, denom, mask=row_ok)
     tl.store(T_OUT + out, t, mask=row_ok)
     if WITH_ENTROPY:
         tl.store(E_OUT + out, e, mask=row_ok)

@@ -1,53 +1,18 @@
 """The differentiable op: per-token log-probs (and entropy) of one hidden stream.
 
-One ``torch.autograd.Function`` serves both backends; ``params.backend`` says whose forward and
-backward run. Forward saves only (hidden, weight, bias, labels) and the per-token lse/entropy
+One ``torch.autograd.Function`` serves both backends; ``params.backend`` picks their ops from
+``ops.table.OPS``. Forward saves only (hidden, weight, bias, labels) and the per-token lse/entropy
 (O(N)); backward recomputes the logits tile by tile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from . import torch_chunked
-from .stats import LogitStats
+from .params import LogProbParams
+from .table import ops_for
 
-
-@dataclass(frozen=True)
-class LogProbParams:
-    """Every non-tensor option of the op (CCE-style params object instead of a long .apply)."""
-
-    backend: str  # "torch" | "triton", already resolved
-    temperature: float = 1.0
-    ignore_index: int = -100
-    with_entropy: bool = False
-    chunk_tokens: Optional[int] = torch_chunked.DEFAULT_CHUNK_TOKENS  # None: from the tile budget
-    chunk_vocab: int = torch_chunked.DEFAULT_CHUNK_VOCAB
-
-
-def forward_stats(streams, weight, bias, labels, params: LogProbParams,
-                  grad_hidden: bool = False) -> LogitStats:
-    """One pass over W for S streams [N, D] (a list, or an [S, N, D] tensor).
-
-    ``grad_hidden`` (torch backend only) also returns ∂lp/∂h, computed during the pass.
-    """
-    if params.backend == "triton":
-        from . import triton_launch
-
-        return triton_launch.forward_stats(streams, weight, bias, labels,
-                                           temperature=params.temperature,
-                                           ignore_index=params.ignore_index,
-                                           with_entropy=params.with_entropy)
-    return torch_chunked.forward_stats(list(streams), weight, bias, labels,
-                                       temperature=params.temperature,
-                                       ignore_index=params.ignore_index,
-                                       with_entropy=params.with_entropy,
-                                       grad_hidden=grad_hidden,
-                                       chunk_tokens=params.chunk_tokens,
-                                       chunk_vocab=params.chunk_vocab)
+__all__ = ["LinearLogProbsFunction", "LogProbParams"]
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
@@ -55,13 +20,16 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, params: LogProbParams):
-        # LoRA / frozen head with the torch backend: ∂lp/∂h comes out of the forward pass itself
-        # (an N×D tensor), so the backward needs no second pass over the vocabulary. With an
-        # entropy output, or when W or b need a gradient, the backward recomputes the tiles.
+        # LoRA / frozen head on a backend whose forward can return ∂lp/∂h (torch): it comes out
+        # of the forward pass (an N×D tensor), so the backward needs no second pass over the
+        # vocabulary. With an entropy output, or when W or b need a gradient, the backward
+        # recomputes the tiles.
         needs = ctx.needs_input_grad
-        ctx.jacobian = (params.backend == "torch" and needs[0] and not needs[1]
+        ops = ops_for(params)
+        ctx.jacobian = (ops.grad_hidden_in_forward and needs[0] and not needs[1]
                         and not (bias is not None and needs[2]) and not params.with_entropy)
-        stats = forward_stats([hidden], weight, bias, labels, params, grad_hidden=ctx.jacobian)
+        stats = ops.forward_stats([hidden], weight, bias, labels, params,
+                                  grad_hidden=ctx.jacobian)
         valid = labels != params.ignore_index
         lp = stats.logprobs(valid)[0]
         if stats.entropy is not None:
@@ -97,17 +65,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
             grad_ent = grad_ent.contiguous()
         else:
             grad_ent = None
-        kwargs = dict(temperature=p.temperature, ignore_index=p.ignore_index, need_hidden=need_h,
-                      need_weight=need_w, need_bias=need_b)
-        if p.backend == "triton":
-            from . import triton_launch
-
-            dh, dw, db = triton_launch.backward(hidden, weight, bias, labels, lse, entropy,
-                                                grad_lp, grad_ent, **kwargs)
-        else:
-            dh, dw, db = torch_chunked.backward(hidden, weight, bias, labels, lse, entropy,
-                                                grad_lp, grad_ent, chunk_tokens=p.chunk_tokens,
-                                                chunk_vocab=p.chunk_vocab, **kwargs)
+        dh, dw, db = ops_for(p).backward(hidden, weight, bias, labels, lse, entropy, grad_lp,
+                                         grad_ent, p, need_hidden=need_h, need_weight=need_w,
+                                         need_bias=need_b)
         return (None if dh is None else dh.to(hidden.dtype),
                 None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(bias.dtype),

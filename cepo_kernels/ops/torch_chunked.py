@@ -29,13 +29,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..advantages import token_weights
+from .params import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, ContrastParams, ContrastStats
 from .stats import LogitStats, compute_dtype
 
 # One logits tile holds about this many elements (25 MB in fp32); chunk_tokens defaults to what
 # fills it for the number of streams, so 1 stream gets 1536 tokens per chunk and 3 get 512.
 TILE_ELEMENTS = 1536 * 4096
-DEFAULT_CHUNK_VOCAB = 4096
-DEFAULT_CHUNK_TOKENS = None  # derived from TILE_ELEMENTS
 
 
 def chunk_tokens_for(num_streams: int, chunk_vocab: int, chunk_tokens: Optional[int]) -> int:
@@ -145,6 +145,34 @@ def forward_stats(streams: Sequence[torch.Tensor], weight: torch.Tensor,
         if grad_hidden:
             jac[:, n0:n1] = ((w_y - run_pw.view(S, n1 - n0, -1)) * inv_temp)
     return LogitStats(target=target, lse=lse, entropy=ent, grad_hidden=jac)
+
+
+def logmeanexp(lps: torch.Tensor) -> torch.Tensor:
+    """log mean_k exp(lp_k) over the K wrong-answer streams ([K, N] → [N])."""
+    if lps.shape[0] == 1:
+        return lps[0]
+    return torch.logsumexp(lps, dim=0) - torch.log(torch.tensor(float(lps.shape[0]),
+                                                                dtype=lps.dtype))
+
+
+def contrastive(streams: Sequence[torch.Tensor], weight: torch.Tensor,
+                bias: Optional[torch.Tensor], labels: torch.Tensor, *, temperature: float,
+                ignore_index: int, cepo: Optional[ContrastParams] = None,
+                chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS,
+                chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> ContrastStats:
+    """Streams (policy, pos, neg_1..neg_K) in one chunked pass over W, then the K-mixture and,
+    with ``cepo``, Δ, w and Â: the twin of the Triton forward + finalize epilogue."""
+    if len(streams) < 3:
+        raise ValueError(f"contrastive needs policy, pos and >= 1 neg stream, got {len(streams)}")
+    stats = forward_stats(list(streams), weight, bias, labels, temperature=temperature,
+                          ignore_index=ignore_index, with_entropy=False,
+                          chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    lps = stats.logprobs(labels != ignore_index).float()
+    policy, pos, neg = lps[0], lps[1], logmeanexp(lps[2:])
+    if cepo is None:
+        return ContrastStats(policy, pos, neg, None, None, None)
+    tw = token_weights(cepo.advantages, pos, neg, cepo.valid, lam=cepo.lam, eps_w=cepo.eps_w)
+    return ContrastStats(policy, pos, neg, tw.delta, tw.token_weight, tw.advantages)
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -6,7 +6,7 @@ Imported lazily (only when backend="triton" runs), so ``cepo_kernels`` works wit
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -15,6 +15,7 @@ from ..backend import interpreting
 from ..kernels.backward import logit_grad_bwd_kernel
 from ..kernels.finalize import finalize_kernel
 from ..kernels.forward import logit_stats_fwd_kernel
+from .params import ContrastParams, ContrastStats
 from .stats import LogitStats
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,8 +128,25 @@ def _stack(streams) -> torch.Tensor:
     return streams[0].unsqueeze(0) if len(streams) == 1 else torch.stack(list(streams))
 
 
-def _launch_forward(hs, weight, bias, labels32, temperature, with_entropy):
-    """Run the forward kernel; returns the [SPLITS, S·N] partials and the split count."""
+def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """The kernel argument for an optional tensor: itself, or ``dummy`` when it is None. The
+    matching flag is always ``t is not None`` of the same variable, so the two cannot disagree
+    (the kernel never touches the dummy)."""
+    return dummy if t is None else t
+
+
+class _Partials(NamedTuple):
+    """The forward kernel's per-split statistics, each [SPLITS, S·N] fp32."""
+
+    m: torch.Tensor
+    denom: torch.Tensor
+    target: torch.Tensor
+    ent: Optional[torch.Tensor]   # None unless the entropy was asked for
+    splits: int
+
+
+def _launch_forward(hs, weight, bias, labels32, temperature, with_entropy) -> _Partials:
+    """Run the forward kernel over S streams [S, N, D]."""
     S, N, D = hs.shape
     V = weight.shape[0]
     cfg = forward_config(S * N, V, D, hs.dtype, hs.device)
@@ -136,43 +154,48 @@ def _launch_forward(hs, weight, bias, labels32, temperature, with_entropy):
     splits = triton.cdiv(V, v_per_split)
     part = torch.empty(4 if with_entropy else 3, splits, S * N, dtype=torch.float32,
                        device=hs.device)
-    e_buf = part[3] if with_entropy else part[0]  # never written when WITH_ENTROPY is False
+    p = _Partials(part[0], part[1], part[2], part[3] if with_entropy else None, splits)
     grid = (triton.cdiv(S * N, cfg["BLOCK_R"]) * splits,)
     logit_stats_fwd_kernel[grid](
-        hs, weight, bias if bias is not None else weight, labels32,
-        part[0], part[1], part[2], e_buf,
+        hs, weight, _ptr(bias, weight), labels32,
+        p.m, p.denom, p.target, _ptr(p.ent, p.m),
         S, N, V, D, v_per_split,
         hs.stride(0), hs.stride(1), hs.stride(2), weight.stride(0), weight.stride(1),
-        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=p.ent is not None,
         UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hs.dtype),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return part, splits, e_buf
+    return p
 
 
-def _launch_finalize(part, e_buf, splits, labels32, S, N, ignore_index, with_entropy,
-                     contrastive=False, adv=None, valid=None, hparams=None):
+def _launch_finalize(p: _Partials, labels32, S, N, ignore_index, *, contrastive: bool = False,
+                     cepo: Optional[ContrastParams] = None):
+    """Merge the splits; with ``contrastive`` also the (policy, pos, neg) log-probs, and with
+    ``cepo`` Δ, w and Â. Every flag is derived from whether its tensors exist."""
     dev = labels32.device
     tgt = torch.empty(S, N, dtype=torch.float32, device=dev)
     lse = torch.empty_like(tgt)
-    ent = torch.empty_like(tgt) if with_entropy else tgt
-    lp3 = torch.empty(3, N, dtype=torch.float32, device=dev) if contrastive else tgt
-    with_adv = adv is not None
-    delta, w, a_hat = ((torch.empty(N, dtype=torch.float32, device=dev) for _ in range(3))
-                       if with_adv else (tgt, tgt, tgt))
+    ent = None if p.ent is None else torch.empty_like(tgt)
+    lp3 = torch.empty(3, N, dtype=torch.float32, device=dev) if contrastive else None
+    adv = valid = hparams = delta = w = a_hat = None
+    if cepo is not None:
+        adv = cepo.advantages.to(torch.float32).contiguous()
+        valid = cepo.valid.to(torch.int8).contiguous()
+        hparams = torch.tensor([cepo.lam, math.log1p(-cepo.eps_w), math.log1p(cepo.eps_w)],
+                               dtype=torch.float32, device=dev)
+        delta, w, a_hat = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(3))
     block_n = _pow2(N, 16, 1024 if interpreting() else 256)
     finalize_kernel[(triton.cdiv(N, block_n),)](
-        part[0], part[1], part[2], e_buf,
-        labels32, adv if with_adv else tgt, valid if with_adv else labels32,
-        hparams if with_adv else tgt,
-        tgt, lse, ent, lp3, delta, w, a_hat,
-        N, splits, ignore_index,
-        S=S, WITH_ENTROPY=with_entropy, CONTRASTIVE=contrastive, WITH_ADV=with_adv,
-        BLOCK_N=block_n,
+        p.m, p.denom, p.target, _ptr(p.ent, p.m),
+        labels32, _ptr(adv, tgt), _ptr(valid, labels32), _ptr(hparams, tgt),
+        tgt, lse, _ptr(ent, tgt), _ptr(lp3, tgt), _ptr(delta, tgt), _ptr(w, tgt),
+        _ptr(a_hat, tgt),
+        N, p.splits, ignore_index,
+        S=S, WITH_ENTROPY=p.ent is not None, CONTRASTIVE=lp3 is not None,
+        WITH_ADV=cepo is not None, BLOCK_N=block_n,
     )
-    stats = LogitStats(target=tgt, lse=lse, entropy=ent if with_entropy else None)
-    return stats, lp3, (delta, w, a_hat) if with_adv else (None, None, None)
+    return LogitStats(target=tgt, lse=lse, entropy=ent), lp3, (delta, w, a_hat)
 
 
 def _labels32(labels: torch.Tensor) -> torch.Tensor:
@@ -185,32 +208,25 @@ def forward_stats(streams: Sequence[torch.Tensor], weight, bias, labels, *, temp
     hs = _stack(streams)
     _check_dtype(hs)
     y = _labels32(labels)
-    part, splits, e_buf = _launch_forward(hs, weight, bias, y, temperature, with_entropy)
-    stats, _, _ = _launch_finalize(part, e_buf, splits, y, hs.shape[0], hs.shape[1], ignore_index,
-                                   with_entropy)
+    p = _launch_forward(hs, weight, bias, y, temperature, with_entropy)
+    stats, _, _ = _launch_finalize(p, y, hs.shape[0], hs.shape[1], ignore_index)
     return stats
 
 
-def contrastive(streams, weight, bias, labels, *, num_neg: int, temperature: float,
-                ignore_index: int, advantages: Optional[torch.Tensor], valid: torch.Tensor,
-                lam: float, eps_w: float):
-    """(policy, pos, neg, Δ, w, Â) in one forward pass plus the fused epilogue."""
+def contrastive(streams, weight, bias, labels, *, temperature: float, ignore_index: int,
+                cepo: Optional[ContrastParams] = None) -> ContrastStats:
+    """Streams (policy, pos, neg_1..neg_K): log-probs in one forward pass, then the fused
+    epilogue (K-mixture, and with ``cepo`` Δ, w, Â)."""
     hs = _stack(streams)
     _check_dtype(hs)
     S, N, _ = hs.shape
-    assert S == 2 + num_neg
+    if S < 3:
+        raise ValueError(f"contrastive needs policy, pos and >= 1 neg stream, got {S}")
     y = _labels32(labels)
-    part, splits, e_buf = _launch_forward(hs, weight, bias, y, temperature, False)
-    adv = valid8 = hparams = None
-    if advantages is not None:
-        adv = advantages.to(torch.float32).contiguous()
-        valid8 = valid.to(torch.int8).contiguous()
-        hparams = torch.tensor([lam, math.log1p(-eps_w), math.log1p(eps_w)], dtype=torch.float32,
-                               device=hs.device)
-    _, lp3, (delta, w, a_hat) = _launch_finalize(part, e_buf, splits, y, S, N, ignore_index, False,
-                                                 contrastive=True, adv=adv, valid=valid8,
-                                                 hparams=hparams)
-    return lp3[0], lp3[1], lp3[2], delta, w, a_hat
+    p = _launch_forward(hs, weight, bias, y, temperature, False)
+    _, lp3, (delta, w, a_hat) = _launch_finalize(p, y, S, N, ignore_index, contrastive=True,
+                                                 cepo=cepo)
+    return ContrastStats(lp3[0], lp3[1], lp3[2], delta, w, a_hat)
 
 
 def backward(hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, *, temperature: float,
@@ -220,27 +236,29 @@ def backward(hidden, weight, bias, labels, lse, entropy, grad_lp, grad_ent, *, t
     V = weight.shape[0]
     dev = hidden.device
     valid = labels != ignore_index
-    g = torch.where(valid, grad_lp.float(), torch.zeros((), device=dev)).contiguous()
-    with_ent = grad_ent is not None
-    ge = torch.where(valid, grad_ent.float(), torch.zeros((), device=dev)).contiguous() \
-        if with_ent else g
+    zero = torch.zeros((), device=dev)
+    g = torch.where(valid, grad_lp.float(), zero).contiguous()
+    ge = ent = None
+    if grad_ent is not None:
+        ge = torch.where(valid, grad_ent.float(), zero).contiguous()
+        ent = entropy.float().contiguous()
     d_hidden = torch.zeros(N, D, dtype=torch.float32, device=dev)
-    d_weight = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_weight else d_hidden
+    d_weight = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_weight else None
     # with a bias the kernel always sums dB (a [V] vector, cheap); it is dropped if not needed
-    d_bias = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else d_hidden
+    d_bias = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
     cfg = backward_config(N, V, D, hidden.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     logit_grad_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, _labels32(labels),
-        lse.float().contiguous(), g, ge, entropy.float().contiguous() if with_ent else g,
-        d_hidden, d_weight, d_bias,
+        hidden, weight, _ptr(bias, weight), _labels32(labels),
+        lse.float().contiguous(), g, _ptr(ge, g), _ptr(ent, g),
+        d_hidden, _ptr(d_weight, d_hidden), _ptr(d_bias, d_hidden),
         N, V, D,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=with_ent,
-        COMPUTE_DW=need_weight, UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        INV_TEMP=1.0 / temperature, HAS_BIAS=bias is not None, WITH_ENTROPY=ge is not None,
+        COMPUTE_DW=d_weight is not None, UPCAST=interpreting(),
+        DOT_PRECISION=_dot_precision(hidden.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    d_weight = d_weight if need_weight else None
     d_bias = d_bias if need_bias else None
     return (d_hidden if need_hidden else None), d_weight, d_bias

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cepo.batch import collate
-from cepo.data import VISUAL_KINDS, EncodedPrompt, encode_prompt, synthetic_dataset
+from cepo.data import EncodedPrompt, encode_prompt
 from cepo.grading import Grader
 from cepo.models import load_model, load_processor
+from cepo.offline.synthetic import VISUAL_KINDS, synthetic_dataset
+from cepo.offline.tiny import build_tiny_model
+from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 from cepo.rollout import RolloutConfig, Rollouts
-from cepo.tiny import build_tiny_model
-from cepo.warmup import WarmupConfig, build_warm_tiny
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@ coercion, errors, help."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ def test_paper_preset_is_spec_section_7():
     assert cfg.lora.target_modules == ("all-linear",) and cfg.lora.exclude_modules == r".*visual.*"
     assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.lr) == (0.01, 1.0, 5e-6)
     assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("cosine", 5)
-    assert (cfg.cepo.lam0, cfg.cepo.lam_warmup_steps, cfg.cepo.eps_w) == (0.5, 25, 0.5)
+    assert (cfg.cepo.lambda_init, cfg.cepo.lambda_warmup_steps, cfg.cepo.eps_w) == (0.5, 25, 0.5)
     assert (cfg.ppo.clip_low, cfg.ppo.clip_high, cfg.ppo.clip_dual) == (0.2, 0.28, 3.0)
     assert cfg.ppo.aggregation == "token-mean"
     assert (cfg.rollout.temperature, cfg.rollout.top_p) == (1.0, 1.0)
@@ -59,7 +62,15 @@ def test_no_arguments_is_the_offline_run_and_matches_configs_tiny_cpu():
     assert cfg.model.name == "tiny-warm" and cfg.data.train == "synthetic"
     assert cfg.preset == "paper" and cfg.output_dir == "runs/tiny-cepo"
     assert cfg.cepo == C.finalize(C.paper()).cepo and cfg.ppo.clip_high == 0.28  # method kept
+    assert cfg == C.finalize(C.offline())
     assert build_config(["--config", str(CONFIGS / "tiny_cpu.yaml")]) == cfg
+    # the YAML names every option the preset changes, each with the preset's value
+    paper, offline = C.flatten(C.to_dict(C.paper())), C.flatten(C.to_dict(C.offline()))
+    shipped = C.load_yaml(CONFIGS / "tiny_cpu.yaml")
+    assert {k for k, v in offline.items() if paper[k] != v} <= set(shipped)
+    assert all(offline[k] == v for k, v in shipped.items() if k != "preset"), shipped
+    reference = build_config(["--preset", "reference"])  # the offline scale over another preset
+    assert (reference.lora.alpha, reference.model.name, reference.steps) == (64.0, "tiny-warm", 30)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -80,17 +91,47 @@ def test_fsdp_with_fp16_is_refused():
 
 def test_overrides_dotted_short_and_typed():
     cfg = build_config([
-        "--rollout.group_size=4", "--lam0", "0.3", "--resume", "--steps", "7",
+        "--rollout.group_size=4", "--lambda_init", "0.3", "--resume", "--steps", "7",
         "--lora.target_modules", "q_proj,v_proj", "--data.val_limit", "none",
         "--optim.lr", "1", "--optim.betas", "0.8,0.9", "--model.name", "tiny",
         "--prompts-per-step", "16",
         "--preset", "reference",
     ])
-    assert cfg.rollout.group_size == 4 and cfg.cepo.lam0 == 0.3 and cfg.resume is True
+    assert cfg.rollout.group_size == 4 and cfg.cepo.lambda_init == 0.3 and cfg.resume is True
     assert cfg.steps == 7 and cfg.lora.target_modules == ("q_proj", "v_proj")
     assert cfg.data.val_limit is None and cfg.optim.lr == 1.0 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.model.name == "tiny" and cfg.prompts_per_step == 16
     assert cfg.lora.alpha == 64.0  # the reference preset underneath
+
+
+@pytest.mark.parametrize("old, new, attr, value", [
+    ("--lam0", "--lambda_init", "lambda_init", 0.25),
+    ("--cepo.lam_warmup_steps", "--cepo.lambda_warmup_steps", "lambda_warmup_steps", 2),
+    ("--lam_offset", "--lambda_offset", "lambda_offset", 2),
+])
+def test_renamed_options_still_work_with_a_warning(old, new, attr, value, monkeypatch):
+    from cepo.config import cli
+
+    monkeypatch.setattr(cli, "_warned", set())
+    with pytest.warns(FutureWarning, match=f"renamed to 'cepo.{attr}'"):
+        cfg = build_config([old, str(value)])
+    assert getattr(cfg.cepo, attr) == value and cfg == build_config([new, str(value)])
+
+
+def test_a_saved_config_with_old_names_loads(tmp_path, monkeypatch):
+    from cepo.config import cli
+
+    monkeypatch.setattr(cli, "_warned", set())
+    cfg = build_config(["--lambda_init", "0.25", "--lambda_warmup_steps", "7"])
+    text = (tmp_path / "new.yaml")
+    C.save_yaml(cfg, text)
+    old = tmp_path / "old.yaml"
+    old.write_text(text.read_text().replace("lambda_init:", "lam0:")
+                   .replace("lambda_warmup_steps:", "lam_warmup_steps:")
+                   .replace("lambda_offset:", "lam_offset:"))
+    assert "lam0: 0.25" in old.read_text()
+    with pytest.warns(FutureWarning):
+        assert C.from_yaml(old) == cfg
 
 
 def test_yaml_layers_and_preset_key(tmp_path):
@@ -116,7 +157,7 @@ def test_yaml_layers_and_preset_key(tmp_path):
     (["--rollout.group_size", "0"], ["rollout", "group_size", "0"]),
     (["--teacher.neg_choice", "best"], ["neg_choice", "best", "worst"]),
     (["--ppo.aggregation", "sum"], ["aggregation", "'sum'", "token-mean"]),
-    (["--lamda0", "1"], ["unknown option", "lamda0", "cepo.lam0"]),
+    (["--lamda0", "1"], ["unknown option", "lamda0", "cepo.lambda_init"]),
     (["--micro_batch_size", "4"], ["ambiguous", "ppo.micro_batch_size",
                                    "teacher.micro_batch_size"]),
     (["--preset", "huge"], ["preset", "huge", "paper, reference"]),
@@ -147,6 +188,31 @@ def test_help_lists_every_option_with_default(capsys):
     assert 'λ at step 1 (docs/METHOD.md, "Schedules")' in text  # the why, from the source comments
 
 
+def test_help_answers_without_importing_torch():
+    """``python -m cepo.train --help`` prints before the trainer's torch imports."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['cepo.train', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('cepo.train', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as exit_:\n"
+            "    assert exit_.code in (0, None), exit_.code\n"
+            "print('heavy:', sorted({'torch', 'transformers', 'jsonargparse'} & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert "--cepo.lambda_init (float)" in out.stdout
+    assert out.stdout.rstrip().endswith("heavy: []"), out.stdout[-300:]
+
+
+def test_config_package_imports_no_torch():
+    code = ("import sys, cepo.config, cepo.config.cli, cepo.config.help\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'cepo_kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 @pytest.mark.parametrize("argv, key, allowed", [
     (["--lr", "inf"], "optim.lr", "finite"),
     (["--lr", "nan"], "optim.lr", "finite"),
@@ -168,7 +234,7 @@ def test_help_lists_every_option_with_default(capsys):
     (["--optim.betas", "0.9,nan"], "optim.betas", "finite"),
     (["--weight_decay", "-0.1"], "optim.weight_decay", ">= 0"),
     (["--weight_decay", "2000", "--lr", "1e-3"], "optim.weight_decay", "1 / lr"),
-    (["--lam0", "nan"], "cepo.lam0", "finite"),
+    (["--lambda_init", "nan"], "cepo.lambda_init", "finite"),
     (["--lora.alpha", "inf"], "lora.alpha", "finite"),
     (["--clip_dual", "inf"], "ppo.clip_dual", "finite"),
     (["--grader_timeout_s", "inf"], "grader_timeout_s", "finite"),
@@ -192,6 +258,9 @@ def test_sane_edge_values_are_kept():
                         "--weight_decay", "0", "--grad_clip", "0", "--optim.betas", "0,0.5"])
     assert (cfg.rollout.temperature, cfg.val.temperature, cfg.optim.lr) == (0.0, 0.01, 1.0)
     assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.betas) == (0.0, 0.0, (0, 0.5))
+    cfg = build_config(["--data.min_pixels", "1e4", "--steps", "3.0", "--model.name", "123"])
+    assert (cfg.data.min_pixels, cfg.steps, cfg.model.name) == (10_000, 3, "123")
+    assert type(cfg.data.min_pixels) is int and type(cfg.steps) is int
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -29,7 +29,7 @@ def make_run(tmp_path, records: list[dict], eps_w: float = EPS):
     (run / "samples.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     (run / "config.yaml").write_text(yaml.safe_dump(
-        {"algo": "cepo", "cepo": {"eps_w": eps_w, "lam0": 0.5},
+        {"algo": "cepo", "cepo": {"eps_w": eps_w, "lambda_init": 0.5},
          "teacher": {"neg_fallback": "student"}}))
     return run
 

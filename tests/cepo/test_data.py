@@ -16,19 +16,21 @@ from PIL import Image
 
 from cepo import sources
 from cepo.data import (
-    DEFAULT_KINDS,
     FORMAT_SUFFIX,
-    VISUAL_KINDS,
     Example,
     build_messages,
-    chain_solution,
-    chain_terms,
     encode_prompt,
     encode_prompts,
     iter_batches,
     load_geo3k,
     load_split,
     prompt_text,
+)
+from cepo.offline.synthetic import (
+    DEFAULT_KINDS,
+    VISUAL_KINDS,
+    chain_solution,
+    chain_terms,
     synthetic_dataset,
 )
 
@@ -161,11 +163,17 @@ def test_messages_split_on_image_markers():
     assert kinds == ["image", "image", "text"]
 
 
-def test_format_suffix_is_the_spec_text():
-    assert FORMAT_SUFFIX == (
-        " Solve the problem step by step, keeping reasoning brief. \n"
-        "Put ONLY the final answer inside \\boxed{}."
-    )
+def test_format_suffix_is_the_one_docs_method_states():
+    """The instruction users read in docs/METHOD.md is the one the prompts carry (the reference
+    recipe's text, so a change to either is seen)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "METHOD.md").read_text()
+    quoted = re.search(r"followed by\n`(.+?)`;", doc, re.S)
+    assert quoted, "docs/METHOD.md no longer quotes the prompt's instruction"
+    text = " ".join(quoted.group(1).split("\n")).replace("\\n", "\n")
+    assert text == FORMAT_SUFFIX
+    assert FORMAT_SUFFIX.endswith("\\boxed{}.")  # what the grader extracts the answer from
 
 
 def test_encode_prompt(processor, examples):

@@ -51,7 +51,7 @@ def tied_dir(tmp_path_factory, tiny_dir) -> str:
     """The tiny model with lm_head tied to the input embeddings, then warmed up like warm_dir
     (so that its groups mix right and wrong answers and the update has gradients)."""
     from cepo.models import load_model, load_processor, save_processor_files
-    from cepo.warmup import WarmupConfig, build_warm_tiny
+    from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 
     model = load_model(tiny_dir, device="cpu", dtype=torch.float32)
     for config in (model.config, model.config.text_config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_the_paper_configs_model_offline_is_one_line_for_the_trainer_too(offline
     from cepo.errors import NotAvailable, UserError
     from cepo.models import load_model, load_processor
 
-    cfg = C.build_config(["--config", str(C.Path(__file__).resolve().parents[2] / "configs" /
+    cfg = C.build_config(["--config", str(Path(__file__).resolve().parents[2] / "configs" /
                                           "paper_2b.yaml")])
     for load in (load_processor, load_model):
         with pytest.raises(NotAvailable, match=r"model 'Qwen/Qwen3-VL-2B-Instruct' is not a "

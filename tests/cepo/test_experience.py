@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from cepo.config import TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 
 LAM, EPS_W = 0.5, 0.5
 
@@ -21,40 +21,44 @@ def _config(**kw) -> ExperienceConfig:
 
 
 def test_one_step_with_real_generation(model, processor, examples, grader):
-    exp = make_experience(model, processor, examples[:4], lam=LAM, config=_config(), grader=grader)
-    r = exp.rollouts
+    experience = make_experience(model, processor, examples[:4], lam=LAM, config=_config(),
+                                 grader=grader)
+    r = experience.rollouts
     n, t = r.response_ids.shape
     assert n == 16 and t <= 12
     for name in ("old_logprobs", "token_advantages"):
-        assert getattr(exp, name).shape == (n, t)
-    for name in ("pos_logprobs", "neg_logprobs", "delta", "weight"):
-        assert getattr(exp.scores, name).shape == (n, t)
-    mask = exp.response_mask.bool()
-    assert (exp.old_logprobs[mask] < 0).all() and (exp.old_logprobs[~mask] == 0).all()
-    assert (exp.token_advantages[~mask] == 0).all()
-    assert exp.advantages.shape == (n,) and exp.rewards.reward.shape == (n,)
+        assert getattr(experience, name).shape == (n, t)
+    for name in ("pos_logprobs", "neg_logprobs", "delta", "token_weight"):
+        assert getattr(experience.scores, name).shape == (n, t)
+    mask = experience.response_mask.bool()
+    assert (experience.old_logprobs[mask] < 0).all()
+    assert (experience.old_logprobs[~mask] == 0).all()
+    assert (experience.token_advantages[~mask] == 0).all()
+    assert experience.advantages.shape == (n,) and experience.rewards.reward.shape == (n,)
     # random weights almost never box an answer, so groups are mostly uniform: A = Â = 0 there,
     # and the teachers ran exactly on the rows with A != 0
-    zero = exp.advantages == 0
-    assert (exp.token_advantages[zero] == 0).all()
-    assert torch.equal(exp.scores.teacher_scored, ~zero)
-    for key in (
-        "reward/mean",
-        "reward/accuracy",
-        "reward/format",
-        "rollout/response_length",
-        "rollout/mixed_groups",
-        "cepo/lambda",
-        "time/rollout",
-        "time/score",
-    ):
-        assert key in exp.metrics and math.isfinite(exp.metrics[key])
+    zero = experience.advantages == 0
+    assert (experience.token_advantages[zero] == 0).all()
+    assert torch.equal(experience.scores.teacher_scored, ~zero)
+    # the step's metrics are the statistics of what the step produced
+    m, rw = experience.metrics, experience.rewards
+    lengths = experience.rollouts.response_mask.sum(1).double()
+    groups = rw.reward.view(-1, 4)
+    mixed = ((groups != groups[:, :1]).any(1)).double().mean()
+    for key, want in (("reward/mean", rw.reward.double().mean()),
+                      ("reward/accuracy", rw.accuracy.double().mean()),
+                      ("reward/format", rw.format.double().mean()),
+                      ("rollout/response_length", lengths.mean()),
+                      ("rollout/mixed_groups", mixed),
+                      ("cepo/lambda", LAM)):
+        assert m[key] == pytest.approx(float(want), rel=1e-6), key
+    assert m["time/rollout"] > 0 and m["time/score"] >= 0
 
 
 def test_mixed_groups_give_spec_conforming_token_advantages(
     model, processor, examples, grader, scripted_engine
 ):
-    exp = make_experience(
+    experience = make_experience(
         model,
         processor,
         examples[:3],
@@ -63,11 +67,11 @@ def test_mixed_groups_give_spec_conforming_token_advantages(
         engine=scripted_engine(),
         grader=grader,
     )
-    a, s = exp.advantages, exp.scores
-    mask = exp.response_mask.bool()
-    torch.testing.assert_close(exp.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))
-    assert exp.wrong_answers == [["999"]] * 3
-    assert s.teacher_scored.all() and exp.metrics["rollout/mixed_groups"] == 1.0
+    a, s = experience.advantages, experience.scores
+    mask = experience.response_mask.bool()
+    torch.testing.assert_close(experience.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))
+    assert experience.wrong_answers == [["999"]] * 3
+    assert s.teacher_scored.all() and experience.metrics["rollout/mixed_groups"] == 1.0
 
     a_tok = a[:, None].expand_as(mask)[mask]  # [valid tokens]
     a_hat = s.token_advantages[mask]
@@ -104,7 +108,7 @@ def test_mixed_groups_give_spec_conforming_token_advantages(
         "cepo/adv_pre",
         "cepo/adv_post",
     ):
-        assert math.isfinite(exp.metrics[key])
+        assert math.isfinite(experience.metrics[key])
 
 
 @pytest.mark.parametrize("lam, algo", [(0.0, "cepo"), (LAM, "grpo")])
@@ -119,7 +123,7 @@ def test_grpo_path_skips_teachers(model, processor, examples, grader, scripted_e
 
 
 def test_rlsd_step(model, processor, examples, grader, scripted_engine):
-    exp = make_experience(
+    experience = make_experience(
         model,
         processor,
         examples[:2],
@@ -128,7 +132,8 @@ def test_rlsd_step(model, processor, examples, grader, scripted_engine):
         engine=scripted_engine(),
         grader=grader,
     )
-    torch.testing.assert_close(exp.scores.neg_logprobs, exp.old_logprobs)  # §8.5: P_T- = P_S
+    # §8.5: P_T- = P_S
+    torch.testing.assert_close(experience.scores.neg_logprobs, experience.old_logprobs)
 
 
 def test_bad_inputs_are_explained(model, processor, examples, grader):
@@ -142,8 +147,8 @@ def test_bad_inputs_are_explained(model, processor, examples, grader):
 
 
 def test_grading_budget_of_a_step_is_counted(model, processor, examples, grader, scripted_engine):
-    exp = make_experience(model, processor, examples[:3], lam=0.0, engine=scripted_engine(),
+    experience = make_experience(model, processor, examples[:3], lam=0.0, engine=scripted_engine(),
                           grader=grader, config=_config(grader_batch_budget_s=1e-9))
     # per group: the correct answer is an exact match; 999 and 998 need math-verify: skipped
-    assert exp.metrics["reward/grader_skipped"] == 6.0
-    torch.testing.assert_close(exp.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))
+    assert experience.metrics["reward/grader_skipped"] == 6.0
+    torch.testing.assert_close(experience.rewards.reward, torch.tensor([1.0, 0.1, 0.1, 0.0] * 3))

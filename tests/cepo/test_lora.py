@@ -7,14 +7,14 @@ import copy
 
 import pytest
 
-from cepo.config import LoraSettings, ModelConfig
+from cepo.config import AdapterConfig, ModelConfig
 from cepo.lora import count_parameters, parameter_groups, prepare_trainable
 
 pytest.importorskip("peft")
 
 
 def test_lora_adapts_every_language_linear_but_not_vision_or_head(model):
-    wrapped = prepare_trainable(copy.deepcopy(model), LoraSettings(rank=4, alpha=8.0),
+    wrapped = prepare_trainable(copy.deepcopy(model), AdapterConfig(rank=4, alpha=8.0),
                                 ModelConfig())
     adapted = {n for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
     assert adapted and not any("visual" in n or "lm_head" in n for n in adapted)
@@ -28,19 +28,19 @@ def test_lora_adapts_every_language_linear_but_not_vision_or_head(model):
 
 def test_lora_without_exclusion_reaches_the_vision_tower(model):
     wrapped = prepare_trainable(copy.deepcopy(model),
-                                LoraSettings(rank=2, alpha=4.0, exclude_modules=""), ModelConfig())
+                                AdapterConfig(rank=2, alpha=4.0, exclude_modules=""), ModelConfig())
     assert any("visual" in n for n, m in wrapped.named_modules() if hasattr(m, "lora_A"))
 
 
 def test_lora_targets_that_match_nothing_are_an_error(model):
     with pytest.raises(ValueError, match="matched no module"):
         prepare_trainable(copy.deepcopy(model),
-                          LoraSettings(target_modules=("no_such_proj",)), ModelConfig())
+                          AdapterConfig(target_modules=("no_such_proj",)), ModelConfig())
 
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_full_fine_tuning(model, freeze):
-    full = prepare_trainable(copy.deepcopy(model), LoraSettings(enabled=False),
+    full = prepare_trainable(copy.deepcopy(model), AdapterConfig(enabled=False),
                              ModelConfig(freeze_vision=freeze))
     frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
     assert all("visual" in n for n in frozen) and bool(frozen) == freeze

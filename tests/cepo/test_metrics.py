@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cepo.metrics import MetricsWriter, read, reduce_across, summarize, weight_stats
+from cepo.diagnostics import diagnostic_sums, diagnostics_from_sums, token_diagnostics
+from cepo.metrics import MetricsWriter, read, reduce_across, summarize
 
 
 def test_jsonl_writer_and_resume_truncation(tmp_path):
@@ -214,28 +215,67 @@ def test_summarize_windows_never_overlap_on_short_runs(steps, start, end):
                                                                   pytest.approx(end))
 
 
-def test_reduce_on_one_process_is_identity():
-    metrics = {"a": 1.0, "b_max": 2.0}
-    assert reduce_across(metrics, None) is metrics
+def test_reduce_across_processes_means_maxes_mins_and_missing_keys(monkeypatch):
+    """Two processes' metrics, the other process's metrics given: means, ``*_max``/``*_min``,
+    and keys one process lacks averaged over the processes that have them."""
+    import accelerate.utils
+
+    mine = {"loss": 1.0, "ratio_max": 2.0, "ratio_min": 0.5, "only_mine": 7.0}
+    theirs = {"loss": 3.0, "ratio_max": 5.0, "ratio_min": 0.25, "only_theirs": 4.0}
+
+    keys = sorted(set(mine) | set(theirs))
+    other = torch.tensor([theirs.get(k, math.nan) for k in keys], dtype=torch.float64)
+    present = torch.isfinite(other)
+    # reduce_across gathers twice: the values (missing ones as 0), then which ones are present
+    rows = iter([torch.where(present, other, 0.0), present.double()])
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def gather(self, local):
+            return torch.cat([local, next(rows)[None]])
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda keys: keys + list(theirs))
+    assert reduce_across(mine, None) is mine  # one process: nothing to reduce
+    out = reduce_across(mine, TwoProcesses())
+    assert out == {"loss": 2.0, "ratio_max": 5.0, "ratio_min": 0.25, "only_mine": 7.0,
+                   "only_theirs": 4.0}
 
 
 def test_weight_clip_fraction():
-    from types import SimpleNamespace
-
     # eps_w = 0.5: log w = sign(A)·Δ is clipped above log 1.5 = 0.405 and below log 0.5 = -0.693
     delta = torch.tensor([[0.1, 1.0, -1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
-    exp = SimpleNamespace(
-        advantages=torch.tensor([1.0, -1.0]),
-        response_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
-        scores=SimpleNamespace(delta=delta, teacher_scored=torch.tensor([True, True]),
-                               weight=torch.ones(2, 4)),
-    )
+    adv = torch.tensor([1.0, -1.0])
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    weight = torch.tensor([[1.1, 1.5, 0.5, 1.0], [0.6, 0.6, 1.0, 1.0]])
     # row 0 (A>0): 0.1 in, 1.0 high, -1.0 low; row 1 (A<0): -0.5, -0.5 both inside
-    stats = weight_stats(exp, 0.5)
+    stats = token_diagnostics(delta, adv, valid, weight, eps_w=0.5)
     assert stats["cepo/weight_clip_frac"] == pytest.approx(2 / 5)
     assert stats["cepo/weight_clip_frac_high"] == pytest.approx(1 / 5)
-    exp.scores.teacher_scored = torch.tensor([False, False])
-    assert weight_stats(exp, 0.5) == {}
+    assert stats["cepo/weight_clip_frac_low"] == pytest.approx(1 / 5)
+    assert stats["cepo/weight_mean"] == pytest.approx((1.1 + 1.5 + 0.5 + 0.6 + 0.6) / 5)
+    # Δ over the five valid tokens, torch's own (unbiased) std as the reference
+    d = delta[valid]
+    assert stats["cepo/delta_mean"] == pytest.approx(d.mean().item())
+    assert stats["cepo/delta_std"] == pytest.approx(d.std().item())
+    assert stats["cepo/delta_mean_pos"] == pytest.approx(0.1 / 3)
+    assert stats["cepo/frac_wrong_dir_pos"] == pytest.approx(1 / 3)  # -1.0 on a correct row
+    assert stats["cepo/delta_mean_neg"] == pytest.approx(0.5)
+    assert stats["cepo/frac_wrong_dir_neg"] == pytest.approx(1.0)  # Δ > 0 on a rejected row
+    assert token_diagnostics(delta, adv, torch.zeros_like(valid), weight, eps_w=0.5) == {}
+
+
+def test_diagnostics_add_over_processes():
+    # two "processes" holding one row each: summed sums give the one-process result
+    delta = torch.tensor([[0.3, -0.2, 0.7], [0.1, 0.4, -0.9]])
+    adv, valid = torch.tensor([1.0, -2.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    weight = torch.rand(2, 3)
+    whole = token_diagnostics(delta, adv, valid, weight, eps_w=0.2)
+    parts = [diagnostic_sums(delta[i:i + 1], adv[i:i + 1], valid[i:i + 1], weight[i:i + 1],
+                             eps_w=0.2) for i in range(2)]
+    split = diagnostics_from_sums((parts[0] + parts[1]).tolist())
+    assert split.keys() == whole.keys()
+    assert split == pytest.approx(whole)
 
 
 def test_memory_stats_count_parameters_and_adamw_state():

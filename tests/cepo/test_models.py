@@ -20,7 +20,7 @@ from cepo.models import (
     position_ids,
     response_hidden,
 )
-from cepo.tiny import SPECIAL_TOKENS, build_tiny_model
+from cepo.offline.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
 def test_tiny_dir_looks_like_a_real_checkpoint(tiny_dir):

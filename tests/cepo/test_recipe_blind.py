@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from cepo.batch import collate
+from cepo.config import TeacherConfig
+from cepo.contexts import build_teacher_contexts
 from cepo.data import Example, encode_prompt, prompt_text
+from cepo.integrations.trl.teachers import row_prefixes
 from cepo.models import forward_hidden, position_ids
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig, build_teacher_contexts
-from cepo_kernels.integrations.trl_teachers import row_prefixes
 
 G = 4
 N_VISUAL = 4  # a 64×64 synthetic image in the tiny model: (64/16)² patches / 2² merged

@@ -9,18 +9,14 @@ import pytest
 import torch
 
 from cepo import config as C
-from cepo.advantages import group_advantages
-from cepo.config import build_config
+from cepo.config import TeacherConfig, build_config
+from cepo.contexts import build_teacher_contexts
 from cepo.data import encode_prompt
 from cepo.experience import ExperienceConfig, make_experience
+from cepo.group_advantages import group_advantages
+from cepo.negatives import reference_answer, select_wrong_answers
 from cepo.reward import compute_rewards
 from cepo.rollout import RolloutConfig
-from cepo.teachers import (
-    TeacherConfig,
-    build_teacher_contexts,
-    reference_answer,
-    select_wrong_answers,
-)
 
 from .test_recipe_blind import reference_context
 
@@ -127,11 +123,11 @@ def test_reference_std_reaches_the_experience_step(model, processor, examples, g
     engine = scripted_engine(formatted_wrong)
     cfg = ExperienceConfig(rollout=RolloutConfig(group_size=8), uniform_zero=False,
                            teacher=TeacherConfig(neg_choice="reference", teacher_images=False))
-    exp = make_experience(model, processor, examples[:1], lam=0.5, config=cfg, engine=engine,
+    experience = make_experience(model, processor, examples[:1], lam=0.5, config=cfg, engine=engine,
                           grader=grader)
-    expected = verl_grpo_advantages(exp.rewards.reward, [0] * 8)
-    assert torch.equal(exp.advantages, expected) and (expected != 0).all()
-    assert exp.wrong_answers == [["990"]] and exp.scores.teacher_scored.all()
+    expected = verl_grpo_advantages(experience.rewards.reward, [0] * 8)
+    assert torch.equal(experience.advantages, expected) and (expected != 0).all()
+    assert experience.wrong_answers == [["990"]] and experience.scores.teacher_scored.all()
 
 
 # --------------------------------------------------------------------------- the preset

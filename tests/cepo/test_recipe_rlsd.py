@@ -15,7 +15,7 @@ PAPER_2B = str(Path(__file__).resolve().parents[2] / "configs" / "paper_2b.yaml"
 
 
 def schedule(cfg, steps=30):
-    return [lam_at(k, cfg.cepo.lam0, cfg.cepo.lam_warmup_steps, cfg.cepo.lam_offset)
+    return [lam_at(k, cfg.cepo.lambda_init, cfg.cepo.lambda_warmup_steps, cfg.cepo.lambda_offset)
             for k in range(1, steps + 1)]
 
 
@@ -31,7 +31,7 @@ def test_rlsd_takes_eps_w_0_2_and_the_reference_rlsd_schedule(preset):
 @pytest.mark.parametrize("preset, eps_w", [("paper", 0.5), ("reference", 0.2)])
 def test_cepo_keeps_its_own_schedule_and_eps_w(preset, eps_w):
     cfg = build_config(["--config", PAPER_2B, "--preset", preset, "--algo", "cepo"])
-    assert cfg.cepo.eps_w == eps_w and cfg.cepo.lam_offset == 0
+    assert cfg.cepo.eps_w == eps_w and cfg.cepo.lambda_offset == 0
     lams = schedule(cfg)
     assert lams[:2] == pytest.approx([0.5, 0.48]) and lams[24] == pytest.approx(0.02)
     assert lams[25] == 0.0
@@ -39,19 +39,19 @@ def test_cepo_keeps_its_own_schedule_and_eps_w(preset, eps_w):
 
 def test_flags_override_the_rlsd_defaults():
     cfg = build_config(["--config", PAPER_2B, "--algo", "rlsd", "--eps_w", "0.5",
-                        "--lam_offset", "0", "--lam0", "0.4"])
-    assert (cfg.cepo.eps_w, cfg.cepo.lam_offset, cfg.cepo.lam0) == (0.5, 0, 0.4)
+                        "--lambda_offset", "0", "--lambda_init", "0.4"])
+    assert (cfg.cepo.eps_w, cfg.cepo.lambda_offset, cfg.cepo.lambda_init) == (0.5, 0, 0.4)
     assert schedule(cfg)[:2] == pytest.approx([0.4, 0.4 * 24 / 25])
     # a YAML layer overrides them too, and a saved config reloads to the same values
     cfg = build_config(["--algo", "rlsd", "--cepo.eps_w=0.3"])
-    assert cfg.cepo.eps_w == 0.3 and cfg.cepo.lam_offset == 1
+    assert cfg.cepo.eps_w == 0.3 and cfg.cepo.lambda_offset == 1
 
 
 def test_saved_config_keeps_the_filled_values(tmp_path):
     cfg = build_config(["--algo", "rlsd"])
     C.save_yaml(cfg, tmp_path / "config.yaml")
     again = C.from_yaml(tmp_path / "config.yaml")
-    assert (again.cepo.eps_w, again.cepo.lam_offset) == (0.2, 1) and again == cfg
+    assert (again.cepo.eps_w, again.cepo.lambda_offset) == (0.2, 1) and again == cfg
 
 
 def test_help_documents_the_per_algorithm_defaults():
@@ -60,7 +60,7 @@ def test_help_documents_the_per_algorithm_defaults():
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--lam_offset", "-1"], "cepo.lam_offset=-1"), (["--eps_w", "1"], "cepo.eps_w=1.0"),
+    (["--lambda_offset", "-1"], "cepo.lambda_offset=-1"), (["--eps_w", "1"], "cepo.eps_w=1.0"),
 ])
 def test_bad_values_are_refused(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
 from cepo.schedule import lam_at, lr_at
+
+METHOD = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
 
 
 def test_lambda_schedule_spec_section_4():
@@ -20,6 +23,16 @@ def test_lambda_schedule_spec_section_4():
     assert lam_at(40, 0.3, 0) == 0.3  # T_warm = 0: constant
     with pytest.raises(ValueError):
         lam_at(0, 0.5, 25)
+
+
+def test_lambda_warmup_zero_is_constant_as_documented():
+    # docs/METHOD.md, "Schedules" says T_warm = 0 keeps λ = λ0 for the whole run (both trainers
+    # use this one function; the TRL side is pinned in tests/integrations/test_trl_schedule.py)
+    section = METHOD.read_text().split("## Schedules", 1)[1].split("\n## ", 1)[0]
+    assert "T_warm = 0 keeps λ = λ0 for the whole run" in " ".join(section.split())
+    assert [lam_at(k, 0.5, 0) for k in (1, 2, 25, 26, 1000)] == [0.5] * 5
+    assert [lam_at(k, 0.5, 0, offset=1) for k in (1, 30)] == [0.5, 0.5]
+    assert lam_at(26, 0.5, 25) == 0.0  # whereas T_warm = 25 has reached 0
 
 
 def test_lr_warmup_then_cosine():

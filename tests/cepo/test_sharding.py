@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from cepo import sharding
 from cepo.batch import collate
-from cepo.config import LoraSettings, ModelConfig, PPOConfig
+from cepo.config import AdapterConfig, ModelConfig, PPOConfig
 from cepo.lora import prepare_trainable
 from cepo.models import load_model
 from cepo.update import PolicyLoss
@@ -28,7 +28,7 @@ def world_of_one(tmp_path):
 def _policy(tiny_dir):
     torch.manual_seed(0)
     model = load_model(tiny_dir, device="cpu", dtype=torch.float32)
-    model = prepare_trainable(model, LoraSettings(enabled=False), ModelConfig())
+    model = prepare_trainable(model, AdapterConfig(enabled=False), ModelConfig())
     return model, PolicyLoss(model, PPOConfig(), backend="torch")
 
 

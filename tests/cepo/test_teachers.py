@@ -13,19 +13,14 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from cepo.advantages import group_advantages
+from cepo.config import TeacherConfig
+from cepo.contexts import TeacherContexts, build_teacher_contexts
 from cepo.data import Example, encode_prompt
+from cepo.group_advantages import group_advantages
+from cepo.negatives import select_wrong_answers
 from cepo.reward import Rewards, compute_rewards
 from cepo.rollout import RolloutConfig, Rollouts
-from cepo.teachers import (
-    Scores,
-    TeacherConfig,
-    TeacherContexts,
-    build_teacher_contexts,
-    score_rollouts,
-    score_student,
-    select_wrong_answers,
-)
+from cepo.scoring import Scores, score_rollouts, score_student
 
 G = 4
 

@@ -19,8 +19,8 @@ import torch
 import cepo.train as train_module
 from cepo import checkpoint as ckpt
 from cepo.metrics import read
+from cepo.offline.warmup import WarmupConfig, build_warm_tiny
 from cepo.schedule import lr_at
-from cepo.warmup import WarmupConfig, build_warm_tiny
 
 # wall-clock numbers and (on CUDA) allocator peaks differ between any two runs
 VOLATILE = ("time/", "throughput/", "memory/peak")
@@ -206,12 +206,12 @@ def test_eval_and_merge_a_saved_run(runs, tmp_path, model, encoded):
 
 def test_warm_model_is_cached(warm_dir, monkeypatch):
     """A second build with the same recipe is a cache hit (the stamp matches), not a rebuild."""
-    import cepo.warmup
+    import cepo.offline.warmup
 
     def no_rebuild(*args):
         raise AssertionError("the cached warm model was rebuilt")
 
-    monkeypatch.setattr(cepo.warmup, "_warm_up", no_rebuild)
+    monkeypatch.setattr(cepo.offline.warmup, "_warm_up", no_rebuild)
     assert str(build_warm_tiny(warm_dir, WarmupConfig(steps=150))) == warm_dir
     with pytest.raises(AssertionError, match="rebuilt"):  # another recipe is not a hit
         build_warm_tiny(Path(warm_dir).parent / "other-warm", WarmupConfig(steps=151))
@@ -269,3 +269,34 @@ def test_a_diverging_run_never_commits_nonfinite_weights(tmp_path, warm_dir, mon
             assert torch.isfinite(value).all(), (checkpoint.name, key)
     latest = ckpt.latest_checkpoint(out)
     assert latest is None or latest in ckpt.list_checkpoints(out)
+
+
+# A change of behaviour anywhere on the path (sampling, grading, r− choice, teachers, Δ/w/Â,
+# the PPO loss, the optimizer) moves these. Pinned from a 2-step CEPO run on one CPU thread with
+# torch 2.13.0+cpu; a deliberate change of behaviour re-pins them and says why in its commit.
+PINNED_CEPO = {
+    (1, 'reward/mean'): 0.1562500149011612,
+    (1, 'rollout/response_length'): 21.25,
+    (1, 'cepo/adv_pre'): 0.20147013664245605,
+    (1, 'cepo/adv_post'): 0.20245739817619324,
+    (1, 'cepo/delta_mean'): 0.10039913654327393,
+    (1, 'ppo/loss'): -0.015519911423325539,
+    (1, 'ppo/grad_norm'): 0.4750721752643585,
+    (2, 'reward/mean'): 0.0937500074505806,
+    (2, 'rollout/response_length'): 22.875,
+    (2, 'cepo/adv_pre'): 0.16939552128314972,
+    (2, 'cepo/adv_post'): 0.17107950150966644,
+    (2, 'cepo/delta_mean'): -0.06683206558227539,
+    (2, 'ppo/loss'): 0.022546252235770226,
+    (2, 'ppo/grad_norm'): 0.30918869376182556,
+}
+PINNED_KEYS = ("reward/mean", "rollout/response_length", "cepo/adv_pre", "cepo/adv_post",
+               "cepo/delta_mean", "ppo/loss", "ppo/grad_norm")
+
+
+def test_two_step_cepo_run_pins_values(runs):
+    records = read(runs("cepo") / "metrics.jsonl")
+    got = {(r["step"], k): r[k] for r in records[1:] for k in PINNED_KEYS if k in r}
+    assert set(got) == set(PINNED_CEPO), sorted(set(got) ^ set(PINNED_CEPO))
+    for key, want in PINNED_CEPO.items():
+        assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key

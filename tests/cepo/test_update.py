@@ -7,10 +7,9 @@ import copy
 import pytest
 import torch
 
-from cepo.config import PPOConfig
+from cepo.config import PPOConfig, TeacherConfig
 from cepo.experience import ExperienceConfig, make_experience
 from cepo.rollout import RolloutConfig
-from cepo.teachers import TeacherConfig
 from cepo.update import (
     NonFiniteError,
     NonFiniteGuard,
@@ -76,8 +75,31 @@ def test_mini_batches_are_optimizer_steps(model, experience, accelerator):
     assert metrics["ppo/ratio_max"] >= 1.0 and metrics["ppo/ratio_min"] <= 1.0
 
 
-def test_replica_check_is_a_no_op_on_one_process(model, accelerator):
-    check_replicas(model, accelerator)
+class _Replicas:
+    """Stands in for an accelerator of `n` processes whose other replicas hold `others`'
+    (sum, sum of squares) of the trainable weights."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, others):
+        self.others, self.num_processes = others, 1 + len(others)
+
+    def gather(self, local):
+        assert self.num_processes > 1, "one process has nothing to gather"
+        rows = [local] + [torch.tensor([o], dtype=local.dtype) for o in self.others]
+        return torch.cat(rows)
+
+
+def test_replica_check_compares_the_trainable_weights_of_every_process():
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen weights are not compared
+    w = model.weight.detach().double()
+    same = (w.sum().item(), w.square().sum().item())
+    check_replicas(model, _Replicas([same, same]))  # equal replicas pass
+    with pytest.raises(RuntimeError, match="differ between processes"):
+        check_replicas(model, _Replicas([same, (same[0] + 1e-6, same[1])]))
+    # one process: nothing to compare, nothing gathered
+    check_replicas(model, _Replicas([]))
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(model, experience, accelerator):

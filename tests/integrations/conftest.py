@@ -1,6 +1,6 @@
 """Tiny offline models for the integration tests, built once per session into a temp directory:
-the mini Qwen3-VL of `cepo.tiny`, and the tiny text-only Qwen3 causal LM of `examples/trl_cpu.py`
-sharing its tokenizer."""
+the mini Qwen3-VL of `cepo.offline.tiny`, and the tiny text-only Qwen3 causal LM of
+`examples/trl_cpu.py` sharing its tokenizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.helpers import load_example
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory) -> str:
-    from cepo.tiny import build_tiny_model
+    from cepo.offline.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "vl", vocab="mini"))
 

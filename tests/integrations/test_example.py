@@ -52,4 +52,4 @@ def test_custom_loop_imports_only_public_functions():
         if module == "cepo_kernels":
             assert name in cepo_kernels.__all__, name
     assert {m for m, _ in imported if m.startswith("cepo.")} == \
-        {"cepo.grading", "cepo.teachers", "cepo.tiny"}
+        {"cepo.grading", "cepo.negatives", "cepo.offline.tiny"}

@@ -19,16 +19,16 @@ import torch
 pytest.importorskip("trl")
 pytestmark = pytest.mark.filterwarnings("ignore:You are using 'rollout_func'")
 
-from datasets import Dataset  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
 
-from cepo.batch import collate  # noqa: E402
-from cepo.grading import extract_boxed  # noqa: E402
-from cepo_kernels import fused_linear_logprobs  # noqa: E402
-from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer  # noqa: E402
-from cepo_kernels.integrations.trl_config import cepo_lambda, generation_index  # noqa: E402
-from cepo_kernels.integrations.trl_teachers import backbone_hidden, row_prefixes  # noqa: E402
-from tests.helpers import load_example  # noqa: E402
+from cepo.batch import collate
+from cepo.grading import extract_boxed
+from cepo.integrations.trl import CEPOConfig, CEPOGRPOTrainer
+from cepo.integrations.trl.teachers import backbone_hidden, row_prefixes
+from cepo.schedule import lam_at
+from cepo_kernels import fused_linear_logprobs
+from tests.helpers import load_example
 
 G = 4  # group size
 SCRIPT = ("The answer is \\boxed{{{answer}}}.", "I think it is \\boxed{{999}}.",
@@ -44,7 +44,7 @@ def _args(tmp_path, config_cls=CEPOConfig, **overrides):
                 use_cpu=True, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
                 bf16=False, learning_rate=1e-3, seed=0, dataloader_num_workers=0)
     if config_cls is CEPOConfig:
-        base["cepo_lambda_warmup"] = 2
+        base["cepo_lambda_warmup_steps"] = 2
     base.update(overrides)
     return config_cls(**base)
 
@@ -190,25 +190,8 @@ def _assert_student_aligned(trainer, out):
 # ---------------------------------------------------------------------------- pure parts
 
 
-def test_lambda_schedule_and_step_mapping():
-    assert [cepo_lambda(k, lambda_init=0.5, warmup=25) for k in (1, 2, 26, 27)] == \
-        [0.5, 0.5 * (1 - 1 / 25), 0.0, 0.0]
-    # default TRL layout: one optimizer step per generation
-    assert [generation_index(s, 0, gradient_accumulation_steps=4, steps_per_generation=4,
-                             num_iterations=1) for s in range(3)] == [1, 2, 3]
-    # the paper's 2 optimizer steps per rollout batch (steps_per_generation = 2 x GA)
-    assert [generation_index(s, 0, gradient_accumulation_steps=2, steps_per_generation=4,
-                             num_iterations=1) for s in range(4)] == [1, 1, 2, 2]
-    # num_iterations reuses one generation for several passes
-    assert [generation_index(s, 0, gradient_accumulation_steps=1, steps_per_generation=1,
-                             num_iterations=2) for s in range(4)] == [1, 1, 2, 2]
-    # several generations inside one optimizer step: the micro-step decides
-    assert [generation_index(0, m, gradient_accumulation_steps=4, steps_per_generation=1,
-                             num_iterations=1) for m in range(4)] == [1, 2, 3, 4]
-
-
 @pytest.mark.parametrize("field, value", [
-    ("cepo_algo", "grpo"), ("cepo_lambda_init", 1.5), ("cepo_lambda_warmup", 0),
+    ("cepo_algo", "grpo"), ("cepo_lambda_init", 1.5), ("cepo_lambda_warmup_steps", -1),
     ("cepo_eps_w", 1.0), ("cepo_neg_choice", "best"), ("cepo_num_neg", 0),
     ("cepo_neg_fallback", "none"), ("cepo_hint_template", "The answer is"),
     ("cepo_teacher_model", "ema"), ("cepo_answer_column", ""), ("cepo_min_pixels", 0),
@@ -222,7 +205,7 @@ def test_config_rejects_bad_values(tmp_path, field, value):
 def test_input_images_are_resized_as_the_reference_before_generation():
     from PIL import Image
 
-    from cepo_kernels.integrations.trl import fit_input_images
+    from cepo.integrations.trl import fit_input_images
 
     image = Image.new("P", (300, 200))
     inputs = [{"prompt": [{"role": "user", "content": [{"type": "image", "image": image},
@@ -238,10 +221,9 @@ def test_input_images_are_resized_as_the_reference_before_generation():
 
 
 def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path):
-    rlsd = _args(tmp_path, cepo_algo="rlsd", cepo_lambda_warmup=25)
+    rlsd = _args(tmp_path, cepo_algo="rlsd", cepo_lambda_warmup_steps=25)
     assert (rlsd.cepo_eps_w, rlsd.cepo_lambda_offset) == (0.2, 1)
-    lams = [cepo_lambda(k, lambda_init=0.5, warmup=25, offset=rlsd.cepo_lambda_offset)
-            for k in range(1, 31)]
+    lams = [lam_at(k, 0.5, 25, rlsd.cepo_lambda_offset) for k in range(1, 31)]
     assert lams == pytest.approx([0.5 * max(0.0, 1 - k / 25) for k in range(1, 31)], abs=1e-12)
     cepo = _args(tmp_path)
     assert (cepo.cepo_eps_w, cepo.cepo_lambda_offset) == (0.5, 0)
@@ -250,7 +232,7 @@ def test_rlsd_defaults_are_the_reference_rlsd_script_and_flags_override(tmp_path
 
 
 def test_importing_cepo_kernels_does_not_import_trl():
-    code = ("import sys, cepo_kernels, cepo_kernels.integrations; "
+    code = ("import sys, cepo_kernels, cepo.integrations; "
             "assert 'trl' not in sys.modules, 'trl imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -425,8 +407,8 @@ def test_groups_without_a_boxed_wrong_answer_are_warned_once(caplog):
     """A rejected completion without \\boxed{} cannot be r-: the fallback is announced once."""
     from types import SimpleNamespace
 
-    from cepo.teachers import select_wrong_answers
-    from cepo_kernels.integrations.trl import _Verdicts
+    from cepo.integrations.trl.trainer import _Verdicts
+    from cepo.negatives import select_wrong_answers
 
     verdicts = _Verdicts(answers=["3", None, "3", "5", None, None],
                          accuracy=[1.0, 0.0, 1.0, 0.0, 1.0, 1.0], rewards=[1, 0, 1, 0, 1, 1])
@@ -435,7 +417,7 @@ def test_groups_without_a_boxed_wrong_answer_are_warned_once(caplog):
     assert by_group == [[], ["5"], []]  # group 0: rejected but unboxed; group 2: all correct
     me = SimpleNamespace(args=SimpleNamespace(cepo_neg_fallback="student"),
                          _cepo_warned_no_neg=False)
-    with caplog.at_level("WARNING", logger="cepo_kernels.integrations.trl"):
+    with caplog.at_level("WARNING", logger="cepo.integrations.trl.trainer"):
         CEPOGRPOTrainer._cepo_warn_no_neg(me, verdicts, by_group, 2)
         CEPOGRPOTrainer._cepo_warn_no_neg(me, verdicts, by_group, 2)
     warned = [r.getMessage() for r in caplog.records]

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are using 'rollout_func'")
 from transformers import training_args
 from trl import GRPOConfig
 
+from cepo.integrations.trl import CEPOConfig, CEPOGRPOTrainer
 from cepo.models import Qwen3VLImageOnlyProcessor, torchvision_available
-from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer
 from tests.helpers import load_example
 
 NO_TORCHVISION = pytest.mark.skipif(torchvision_available(), reason="torchvision is installed")

@@ -63,7 +63,7 @@ def test_evidence_matches_spec_formula(backend):
     assert_close(out.policy, lp_s, atol=5e-5, what="policy")
     assert_close(out.delta[valid], (lp_p - lp_n)[valid], atol=1e-4, what="delta")
     w_ref = torch.exp(torch.sign(adv) * (lp_p - lp_n)).clamp(0.8, 1.2)
-    assert_close(out.weight[valid], w_ref[valid], atol=1e-4, what="weight")
+    assert_close(out.token_weight[valid], w_ref[valid], atol=1e-4, what="token_weight")
     assert_close(out.advantages, expected, atol=1e-4, what="advantages")
     assert torch.all(out.advantages[~valid] == 0)
     assert not out.advantages.requires_grad

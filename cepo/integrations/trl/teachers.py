@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cepo.batch import ModelInputs, Prefix
-from cepo.teachers import hint_ids  # noqa: F401 - re-exported for the TRL trainer
+from cepo.models import response_slice
 
 # Vision inputs of non-Qwen VLMs, whose per-row layout the teacher rows cannot rebuild.
 OTHER_VISION_KEYS = ("pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
@@ -132,6 +132,4 @@ def backbone_hidden(backbone: torch.nn.Module, inputs: ModelInputs, response_len
         if inputs.pixel_values is not None:
             kwargs["pixel_values"] = inputs.pixel_values
             kwargs["image_grid_thw"] = inputs.image_grid_thw
-    hidden = backbone(**kwargs).last_hidden_state  # [b, L, D]
-    length = hidden.shape[1]
-    return hidden[:, length - response_len - 1: length - 1]
+    return response_slice(backbone(**kwargs).last_hidden_state, response_len)  # [b, L, D] -> T

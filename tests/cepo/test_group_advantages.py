@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cepo.advantages import group_advantages, mixed_groups
+from cepo.group_advantages import group_advantages, mixed_groups
 
 
 def test_against_hand_computation():

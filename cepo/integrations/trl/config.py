@@ -1,5 +1,6 @@
 """`CEPOConfig`: TRL's `GRPOConfig` plus the CEPO settings (docs/METHOD.md, "Advantages",
-"Schedules" and "Teachers"), the λ schedule, and fp32 by default without a bf16 GPU.
+"Schedules" and "Teachers"), the generation index the λ schedule (`cepo.schedule.lam_at`) counts,
+and fp32 by default without a bf16 GPU.
 
 Every CEPO field is prefixed ``cepo_`` so none can collide with a GRPOConfig field (GRPOConfig
 already has ``delta``, ``temperature``, ...). TRL's own defaults (loss type, clipping, ...) are left
@@ -15,20 +16,14 @@ from dataclasses import dataclass, field
 from transformers import training_args as hf_training_args
 from trl import GRPOConfig
 
+from cepo.config import DEFAULT_EPS_W, DEFAULT_LAM_OFFSET, check_eps_w
+from cepo.contexts import NEG_FALLBACKS
+
 logger = logging.getLogger(__name__)
 
 ALGOS = ("cepo", "rlsd")
-NEG_CHOICES = ("worst", "most_frequent")
-NEG_FALLBACKS = ("student", "positive")
+NEG_CHOICES = ("worst", "most_frequent")  # "reference" needs the response texts TRL does not keep
 TEACHER_MODELS = ("actor", "base")
-
-
-def cepo_lambda(generation: int, *, lambda_init: float, warmup: int, offset: int = 0) -> float:
-    """λ_k = λ0 · max(0, 1 − (k − 1 + offset)/T_warm) for generation batch k = 1, 2, ...
-    (docs/METHOD.md, "Schedules"; offset 1 is the reference RLSD script's λ0 · (1 − k/T_warm))."""
-    if generation < 1:
-        raise ValueError(f"generation counts from 1, got {generation}")
-    return lambda_init * max(0.0, 1.0 - (generation - 1 + offset) / warmup)
 
 
 def generation_index(global_step: int, micro_step: int, *, gradient_accumulation_steps: int,
@@ -55,9 +50,9 @@ class CEPOConfig(GRPOConfig):
         "help": "'cepo' (r+ vs r- teachers) or 'rlsd' (r+ teacher vs the student)."})
     cepo_lambda_init: float = field(default=0.5, metadata={
         "help": "λ0: mixing weight of the token weights at the first generation batch."})
-    cepo_lambda_warmup: int = field(default=25, metadata={
+    cepo_lambda_warmup_steps: int = field(default=25, metadata={
         "help": "T_warm: λ decays linearly to 0 over this many generation batches; then the "
-                "teacher passes are skipped (pure GRPO)."})
+                "teacher passes are skipped (pure GRPO). 0 keeps λ = λ0 throughout."})
     cepo_lambda_offset: int | None = field(default=None, metadata={
         "help": "Shifts the λ decay by whole generation batches: λ_k = λ0 · max(0, 1 − (k − 1 + "
                 "offset)/T_warm). None: 0 for cepo, 1 for rlsd (the reference RLSD script)."})
@@ -105,18 +100,18 @@ class CEPOConfig(GRPOConfig):
         _choice("cepo_backend", self.cepo_backend, ("auto", "triton", "torch"))
         if not (0.0 <= self.cepo_lambda_init <= 1.0 and math.isfinite(self.cepo_lambda_init)):
             raise ValueError(f"cepo_lambda_init must be in [0, 1], got {self.cepo_lambda_init}")
-        if int(self.cepo_lambda_warmup) != self.cepo_lambda_warmup or self.cepo_lambda_warmup < 1:
-            raise ValueError(f"cepo_lambda_warmup must be an int >= 1, got "
-                             f"{self.cepo_lambda_warmup}")
-        if self.cepo_eps_w is None:
-            self.cepo_eps_w = 0.2 if self.cepo_algo == "rlsd" else 0.5
+        if int(self.cepo_lambda_warmup_steps) != self.cepo_lambda_warmup_steps or \
+                self.cepo_lambda_warmup_steps < 0:
+            raise ValueError(f"cepo_lambda_warmup_steps must be an int >= 0, got "
+                             f"{self.cepo_lambda_warmup_steps}")
+        if self.cepo_eps_w is None:  # the native trainer's defaults (docs/METHOD.md, "Presets")
+            self.cepo_eps_w = DEFAULT_EPS_W[self.cepo_algo]
         if self.cepo_lambda_offset is None:
-            self.cepo_lambda_offset = 1 if self.cepo_algo == "rlsd" else 0
+            self.cepo_lambda_offset = DEFAULT_LAM_OFFSET[self.cepo_algo]
         if int(self.cepo_lambda_offset) != self.cepo_lambda_offset or self.cepo_lambda_offset < 0:
             raise ValueError(f"cepo_lambda_offset must be an int >= 0, got "
                              f"{self.cepo_lambda_offset}")
-        if not 0.0 <= self.cepo_eps_w < 1.0:
-            raise ValueError(f"cepo_eps_w must be in [0, 1), got {self.cepo_eps_w}")
+        check_eps_w(self.cepo_eps_w, "cepo_eps_w")
         if int(self.cepo_num_neg) != self.cepo_num_neg or self.cepo_num_neg < 1:
             raise ValueError(f"cepo_num_neg must be an int >= 1, got {self.cepo_num_neg}")
         for name in ("cepo_min_pixels", "cepo_max_pixels"):

@@ -2,7 +2,7 @@
 
 Switching from GRPO takes two lines::
 
-    from cepo_kernels.integrations.trl import CEPOConfig, CEPOGRPOTrainer
+    from cepo.integrations.trl import CEPOConfig, CEPOGRPOTrainer
     trainer = CEPOGRPOTrainer(model, reward_funcs=..., args=CEPOConfig(...), train_dataset=ds)
 
 After TRL has generated and scored a generation batch (`_generate_and_score_completions`), the
@@ -13,17 +13,18 @@ spans them):
    `cepo.grading.Grader`, independently of the user's reward functions
    (docs/METHOD.md, "Teachers": rejected = accuracy 0); r- is the wrong answer of the
    lowest-reward rejected rollout (TRL's weighted reward sum), or the group's most frequent one;
-2. builds the teacher rows ``prompt + hint(r±) + completion`` (`trl_teachers`);
-3. runs the backbone for the student and the teachers (no grad, eval mode) and calls
-   `cepo_kernels.contrastive_evidence` on the hidden states and the lm_head weight, which returns
-   Â per token (docs/METHOD.md, "Advantages");
+2. builds the teacher rows ``prompt + hint(r±) + completion`` (`cepo.integrations.trl.teachers`);
+3. runs the backbone for the student and the teachers (no grad, eval mode) and hands the hidden
+   states to the scoring core the native trainer uses (`cepo.scoring.evidence`, r− stand-in
+   `cepo.scoring.neg_stand_in`), which returns Â per token (docs/METHOD.md, "Advantages");
 4. replaces TRL's ``advantages`` [B] with Â [B, T]. TRL's `_compute_loss` takes (B, T)
    advantages as they are, so every loss type, vLLM, PEFT and logging keep working.
 
-λ follows docs/METHOD.md, "Schedules" with one step = one generation batch, derived from
-``state.global_step`` (`trl_config.generation_index`), so it survives checkpoint/resume. While λ = 0
-(after ``cepo_lambda_warmup`` generations, or λ0 = 0) nothing extra runs: TRL's GRPO advantages pass
-through. Evaluation batches keep GRPO advantages (CEPO shapes training credit only).
+λ follows docs/METHOD.md, "Schedules" (`cepo.schedule.lam_at`, as the native trainer) with one
+step = one generation batch, derived from ``state.global_step`` (`config.generation_index`), so it
+survives checkpoint/resume. While λ = 0 (after ``cepo_lambda_warmup_steps`` generations, or λ0 = 0)
+nothing extra runs: TRL's GRPO advantages pass through. Evaluation batches keep GRPO advantages
+(CEPO shapes training credit only).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -43,28 +43,23 @@ from PIL import Image
 from transformers import AutoConfig
 from trl import GRPOTrainer
 
-from cepo.batch import collate
+from cepo.batch import IGNORE_INDEX, collate, response_labels, response_width
+from cepo.contexts import hint_ids
 from cepo.data import fit_pixels
+from cepo.diagnostics import diagnostic_sums, diagnostics_from_sums
 from cepo.grading import Grader, extract_boxed
-from cepo.models import load_processor, output_head, torchvision_available
-from cepo.teachers import select_wrong_answers
-from cepo_kernels import contrastive_evidence
+from cepo.models import OutputHead, load_processor, output_head, torchvision_available
+from cepo.negatives import select_wrong_answers
+from cepo.schedule import lam_at
+from cepo.scoring import evidence, neg_stand_in, stand_in_is_student
 
-from .trl_config import CEPOConfig, cepo_lambda, generation_index
-from .trl_teachers import (
-    answer_text,
-    backbone_hidden,
-    check_vision_keys,
-    completion_text,
-    hint_ids,
-    row_prefixes,
-)
+from .config import CEPOConfig, generation_index
+from .teachers import answer_text, backbone_hidden, check_vision_keys, completion_text, row_prefixes
 
 __all__ = ["CEPOBatch", "CEPOConfig", "CEPOGRPOTrainer"]
 
 logger = logging.getLogger(__name__)
 MIN_TRL = Version("1.16.0")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -189,9 +184,9 @@ class CEPOGRPOTrainer(GRPOTrainer):
             num_iterations=self.num_iterations)
 
     def cepo_lambda(self) -> float:
-        return cepo_lambda(self.cepo_generation(), lambda_init=self.args.cepo_lambda_init,
-                           warmup=self.args.cepo_lambda_warmup,
-                           offset=self.args.cepo_lambda_offset)
+        """λ of the generation batch now being produced (`cepo.schedule.lam_at`)."""
+        return lam_at(self.cepo_generation(), self.args.cepo_lambda_init,
+                      self.args.cepo_lambda_warmup_steps, self.args.cepo_lambda_offset)
 
     # ------------------------------------------------------------------ TRL hooks
 
@@ -267,22 +262,25 @@ class CEPOGRPOTrainer(GRPOTrainer):
 
         advantages = grpo[:, None] * loss_mask  # [B, T] Â = A where no teacher runs
         delta = torch.zeros(b, width, device=comp_ids.device)
+        token_weight = torch.ones(b, width, device=comp_ids.device)
         scored = torch.tensor([bool(grpo[i] != 0) and truths[i] is not None for i in range(b)])
         uniform = self._cepo_uniform()
         active = list(range(b)) if uniform else scored.nonzero().flatten().tolist()
         batch_size = args.per_device_train_batch_size
         for start in range(0, len(active), batch_size):
             rows = active[start: start + batch_size]
-            t = max(int(out["completion_mask"][rows].sum(1).max()), 1)  # drop shared padding
-            labels = comp_ids[rows, :t].masked_fill(~loss_mask[rows, :t], IGNORE_INDEX)
+            t = response_width(out["completion_mask"], rows)  # drop shared padding
+            labels = response_labels(comp_ids, loss_mask, rows, t)
             ev = self._cepo_score(out, student, teacher, rows, t, labels, grpo[rows], truths,
-                                  wrong, lam, uniform)
+                                  wrong, lam, uniform, validate=start == 0)
             keep = scored[rows].to(comp_ids.device)[:, None]  # unscored rows keep Â = A
             advantages[rows, :t] = torch.where(keep, ev.advantages.to(advantages.dtype),
                                                advantages[rows, :t])
-            delta[rows, :t] = torch.where(keep & (labels != IGNORE_INDEX), ev.delta.float(), 0.0)
+            counted = keep & (labels != IGNORE_INDEX)
+            delta[rows, :t] = torch.where(counted, ev.delta.float(), 0.0)
+            token_weight[rows, :t] = torch.where(counted, ev.token_weight.float(), 1.0)
 
-        self._cepo_log(grpo, delta, loss_mask, scored, wrong_by_group, k)
+        self._cepo_log(grpo, delta, token_weight, loss_mask, scored, wrong_by_group, k)
         self.cepo_last = CEPOBatch(k, lam, grpo.detach().cpu(), advantages.detach().cpu(),
                                    loss_mask.cpu(), delta.cpu(), scored, wrong, comp_ids.cpu(),
                                    out["prompt_ids"].cpu())
@@ -295,8 +293,8 @@ class CEPOGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _cepo_score(self, out, student, teacher, rows, t, labels, adv, truths, wrong, lam,
-                    uniform):
-        """Student and teacher hidden states for ``rows`` → `contrastive_evidence` (Â, Δ)."""
+                    uniform, *, validate):
+        """Student and teacher hidden states for ``rows`` → the scoring core (`evidence`)."""
         args = self.args
         model = self.accelerator.unwrap_model(self.model)
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -321,17 +319,19 @@ class CEPOGRPOTrainer(GRPOTrainer):
         cepo = args.cepo_algo == "cepo"
         has_neg = [cepo and bool(wrong[r]) for r in rows]
         run_neg = everyone if uniform and cepo else [j for j in everyone if has_neg[j]]
-        student_neg = not cepo or args.cepo_neg_fallback == "student"  # r- stand-in
-        need_student = uniform or (student_neg and not all(has_neg))
+        need_student = uniform or (not all(has_neg) and stand_in_is_student(
+            algo=args.cepo_algo, neg_fallback=args.cepo_neg_fallback))  # r- stand-in
         was_training = model.training
         model.eval()  # teachers score in eval mode (docs/METHOD.md, "Teachers"); dropout off
         try:
             pos_h = hidden([hinted(r, truths[r]) for r in rows], everyone, True)
             policy_h = hidden([student[r] for r in rows], everyone, False) if need_student \
                 else pos_h  # its log-probs are then unused
+            stand_in = neg_stand_in(policy_h, pos_h, algo=args.cepo_algo,
+                                    neg_fallback=args.cepo_neg_fallback)
             negs = []
             for kk in range(args.cepo_num_neg):
-                neg = (policy_h if student_neg else pos_h).clone()
+                neg = stand_in.clone()
                 if run_neg:
                     answers = [wrong[rows[j]][kk % len(wrong[rows[j]])] if has_neg[j]
                                else truths[rows[j]] for j in run_neg]  # placeholders: uniform
@@ -345,12 +345,11 @@ class CEPOGRPOTrainer(GRPOTrainer):
         neg_h = negs[0] if len(negs) == 1 else torch.stack(negs)  # [b, t, D] or [K, b, t, D]
         weight, bias = output_head(model)
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP2
-        dtype = weight.dtype
         with _gather_head(weight, bias):
-            return contrastive_evidence(
-                policy_h.to(dtype), pos_h.to(dtype), neg_h.to(dtype), weight, labels,
-                adv.to(device), mask=labels != IGNORE_INDEX, lam=lam, eps_w=args.cepo_eps_w,
-                bias=bias, temperature=self.temperature, backend=args.cepo_backend)
+            return evidence(policy_h, pos_h, neg_h, OutputHead(weight, bias), labels, adv,
+                            mask=labels != IGNORE_INDEX, lam=lam, eps_w=args.cepo_eps_w,
+                            temperature=self.temperature, backend=args.cepo_backend,
+                            validate=validate)
 
     _cepo_warned_no_neg = False
 
@@ -370,39 +369,22 @@ class CEPOGRPOTrainer(GRPOTrainer):
             "prompt the model to box its final answer (see cepo/frac_groups_with_neg). "
             "Warned once.", lacking, len(rejected), self.args.cepo_neg_fallback)
 
-    def _cepo_log(self, grpo, delta, loss_mask, scored, wrong_by_group, k) -> None:
-        """Δ statistics by sign of A and the fraction of clipped token weights, over processes."""
-        eps = self.args.cepo_eps_w
+    # the metrics TRL logs every training generation batch (NaN when a side has no token)
+    LOGGED = ("delta_mean", "delta_std", "delta_mean_pos", "delta_mean_neg", "frac_wrong_dir_pos",
+              "frac_wrong_dir_neg", "weight_clip_frac", "weight_mean")
+
+    def _cepo_log(self, grpo, delta, token_weight, loss_mask, scored, wrong_by_group, k) -> None:
+        """The scoring core's diagnostics (`cepo.diagnostics`) over all processes' tokens."""
         valid = loss_mask & scored.to(loss_mask.device)[:, None]  # [B, T]
-        sign = torch.sign(grpo)[:, None].expand_as(delta)
-        x = sign * delta  # log of the unclipped weight
-        clipped = (x < math.log1p(-eps)) | (x > math.log1p(eps)) if eps > 0 else x != 0
-        pos, neg = valid & (sign > 0), valid & (sign < 0)
-        stats = torch.stack([
-            valid.sum(), (delta * valid).sum(), (delta.square() * valid).sum(),
-            (clipped & valid).sum(),
-            pos.sum(), (delta * pos).sum(), ((delta < 0) & pos).sum(),
-            neg.sum(), (delta * neg).sum(), ((delta > 0) & neg).sum(),
-        ]).float()
-        total = gather(stats[None]).sum(0).tolist()
-        n, s, s2, nclip, npos, spos, wpos, nneg, sneg, wneg = total
-
-        def ratio(a, c):
-            return a / c if c > 0 else float("nan")
-
-        mean = ratio(s, n)
+        sums = diagnostic_sums(delta, grpo, valid, token_weight, eps_w=self.args.cepo_eps_w)
+        stats = diagnostics_from_sums(gather(sums[None]).sum(0).tolist())
         metrics = self._metrics["train"]
         metrics["cepo/generation"].append(float(k))
-        metrics["cepo/delta_mean"].append(mean)
-        metrics["cepo/delta_std"].append(math.sqrt(max(ratio(s2, n) - mean * mean, 0.0))
-                                         if n > 0 else float("nan"))
-        metrics["cepo/delta_mean_pos"].append(ratio(spos, npos))
-        metrics["cepo/delta_mean_neg"].append(ratio(sneg, nneg))
-        metrics["cepo/frac_wrong_dir_pos"].append(ratio(wpos, npos))
-        metrics["cepo/frac_wrong_dir_neg"].append(ratio(wneg, nneg))
-        metrics["cepo/weight_clip_frac"].append(ratio(nclip, n))
+        for name in self.LOGGED:
+            metrics[f"cepo/{name}"].append(stats.get(f"cepo/{name}", float("nan")))
+        with_neg = sum(bool(w) for w in wrong_by_group)
         metrics["cepo/frac_groups_with_neg"].append(
-            ratio(sum(bool(w) for w in wrong_by_group), len(wrong_by_group)))
+            with_neg / len(wrong_by_group) if wrong_by_group else float("nan"))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -16,14 +16,16 @@ On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer
     CEPO weights carry signal;
   * `boxed_fraction` of the targets box the answer, the rest state it plainly.
 
-Other synthetic kinds (`cepo.data.VISUAL_KINDS`) get ``"The answer is \\boxed{X}."`` targets.
+Other synthetic kinds (`cepo.offline.synthetic.VISUAL_KINDS`) get
+``"The answer is \\boxed{X}."`` targets.
 
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
-like `cepo.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)/tiny-qwen3-vl-mini-warm-v<N>.
-``"tiny-warm"`` as a model name (`cepo.models.resolve_checkpoint`) builds it on first use, in about
+like `cepo.offline.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)
+/tiny-qwen3-vl-mini-warm-v<N>.
+``"tiny-warm"`` as a model name (registered by `cepo.offline`) builds it on first use, in about
 a minute of CPU time. Build it ahead of time with::
 
-    python -m cepo.warmup [--dir DIR] [--steps N] [--overwrite]
+    python -m cepo.offline.warmup [--dir DIR] [--steps N] [--overwrite]
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def build_warm_tiny(
 ) -> Path:
     """Build (or reuse) the warmed-up tiny Qwen3-VL in `directory`; returns the directory.
 
-    `base` is the random tiny model to start from (default: `cepo.tiny.build_tiny_model`'s
+    `base` is the random tiny model to start from (default: `cepo.offline.tiny.build_tiny_model`'s
     cached one). Written to a temporary sibling and renamed into place, so concurrent processes
     (several trainer ranks, test workers) never load a half-written checkpoint.
     """
@@ -95,8 +97,9 @@ def build_warm_tiny(
 
 
 def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | None) -> None:
-    from cepo.batch import collate
-    from cepo.data import chain_solution, chain_terms, encode_prompt, synthetic_dataset
+    from cepo.batch import collate, response_labels
+    from cepo.contexts import hint_ids
+    from cepo.data import encode_prompt
     from cepo.models import (
         load_model,
         load_processor,
@@ -104,8 +107,8 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
         response_hidden,
         save_processor_files,
     )
-    from cepo.teachers import hint_ids
-    from cepo.tiny import build_tiny_model
+    from cepo.offline.synthetic import chain_solution, chain_terms, synthetic_dataset
+    from cepo.offline.tiny import build_tiny_model
     from cepo_kernels import fused_linear_logprobs
 
     clock = time.perf_counter()
@@ -174,7 +177,7 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
         inputs = collate([p for p, _ in rows], tokenizer.pad_token_id, response, mask)
         hidden = response_hidden(model, inputs, width)  # [B, T, D]
         weight, bias = output_head(model)
-        labels = response.masked_fill(mask == 0, -100)
+        labels = response_labels(response, mask)
         logprobs = fused_linear_logprobs(hidden, weight, labels, bias=bias).logprobs
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -189,7 +192,7 @@ def _warm_up(directory: Path, config: WarmupConfig, base: str | os.PathLike | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cepo.warmup",
+    parser = argparse.ArgumentParser(prog="python -m cepo.offline.warmup",
                                      description="Build the warmed-up tiny Qwen3-VL (offline).")
     parser.add_argument("--dir", default=None, help=f"output (default {default_warm_dir()})")
     parser.add_argument("--steps", type=int, default=WarmupConfig.steps)
