@@ -20,6 +20,7 @@ the prefix's gradient once. A model or setting this does not cover is reported b
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from cepo.batch import ModelInputs, Prefix, collate
 from cepo.models import position_ids, unwrap_model
 
+logger = logging.getLogger("cepo.prefix")
+_LOGGED: set[str] = set()
 SETTINGS = ("auto", "true", "false")
 # Decoder families whose base model takes a cache, a 2-D padding mask and explicit position ids,
 # with every layer attending fully (no sliding windows), as checked by the tests.
@@ -134,6 +137,15 @@ def resolve_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool =
     if setting == "true":
         raise PrefixSharingUnsupported(f"prefix_sharing=true but {why}; use auto or false")
     return False, f"prefix sharing ({phase}): off, unshared fallback ({why})"
+
+
+def use_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool = False) -> bool:
+    """`resolve_prefix_sharing`, its one line logged the first time it is seen in this process."""
+    use, line = resolve_prefix_sharing(setting, model, grad=grad)
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        logger.info(line)
+    return use
 
 
 def _cache_kwarg(inner: torch.nn.Module) -> str | None:
