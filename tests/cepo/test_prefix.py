@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from cepo.batch import Prefix, collate
-from cepo.config import LoraSettings
+from cepo.config import AdapterConfig
 from cepo.lora import apply_lora
 from cepo.models import load_model, output_head, response_hidden, unwrap_model
 from cepo.prefix import (
@@ -144,8 +144,8 @@ def test_mixed_contexts_in_one_batch_and_eager_attention():
 def prepare(model, mode: str):
     if mode == "lora":
         vision = hasattr(unwrap_model(model).model, "visual")
-        model = apply_lora(model, LoraSettings(rank=4, alpha=8.0,
-                                               exclude_modules=r".*visual.*" if vision else ""))
+        model = apply_lora(model, AdapterConfig(rank=4, alpha=8.0,
+                                                exclude_modules=r".*visual.*" if vision else ""))
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():  # B starts at 0 (no gradient into A): make the adapter live
             for name, p in model.named_parameters():
