@@ -123,8 +123,8 @@ def markdown(result: dict) -> str:
          "r− = \"0\" where a group has no wrong answer): the tiny model answers these images "
          "with noise, so no group would be mixed. Tokens/s: generated tokens per score second, "
          "update tokens per update second."), "",
-        "| algo | prefix sharing | score s (tok/s) | update s (tok/s) | step s | CPU s/step "
-        "| response tokens |",
+        ("| algo | prefix sharing | score s (tok/s) | update s (tok/s) | step s | CPU s/step "
+         "| response tokens |"),
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for key, v in s.items():
