@@ -3,6 +3,8 @@ without prefix sharing (`cepo/prefix.py`) in a prompt-heavy tiny configuration.
 
     python -m bench.train_phases --prompt-heavy                  # 4 steps x 2 runs per variant
     python -m bench.train_phases --prompt-heavy --steps 2 --repeats 1    # a smoke run
+    python -m bench.train_phases --prompt-heavy --readme README.md       # run, rewrite README's
+    python -m bench.train_phases --prompt-heavy --render-only --readme README.md   # paragraph
 
 The offline tiny run of ``python -m cepo.train`` with its images enlarged to 512 × 512 pixels
 (``--data.min_pixels 262144`` and the tiny processor's own size cap raised to match: 256 visual
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from unittest import mock
@@ -36,6 +40,9 @@ PIXELS = 512 * 512  # 32 x 32 patches of 16, merged 2 x 2: 256 visual tokens
 HEAVY_ARGS = ["--data.min_pixels", str(PIXELS), "--rollout.max_new_tokens", "128"]
 DEFAULT_OUT = (report.REPO / "bench/results" / report.machine_name("cpu")
                / "train_phases_prefix")
+README_BEGIN = ("<!-- train-phases-prefix:begin (python -m bench.train_phases --prompt-heavy "
+                "--readme README.md) -->")
+README_END = "<!-- train-phases-prefix:end -->"
 PROMPT: dict = {}  # prompt and visual tokens of the first training prompt, as the runs saw it
 
 
@@ -151,6 +158,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(results: Path) -> str:
+    """The README paragraph: every figure read from ``results/train_phases_prefix.json``."""
+    result = json.loads((results / "train_phases_prefix.json").read_text())
+    m, r, p = result["meta"], result["summary"]["ratios"], result["prompt"]
+    resp = result["summary"]["variants"]["cepo/true"]["response_length"]
+    text = (
+        f"Prefix sharing in a prompt-heavy tiny run (`{result['command']}`: images of 512 × 512 "
+        f"pixels, prompts of {p['tokens']} tokens ({p['visual']} visual), responses of "
+        f"{resp:.0f} tokens, prompt:response ≈ {p['tokens'] / resp:.1f}:1, the teachers made to "
+        f"run on every rollout; {result['steps']} steps × {result['repeats']} runs per variant "
+        f"on {m['cores']} shared cores, load average {m['loadavg_before']} at the start, "
+        f"{m['date_utc']}): sharing makes CEPO's score phase {r['cepo_score_speedup']:.2f}× "
+        f"faster (GRPO's {r['grpo_score_speedup']:.2f}×) and its update "
+        f"{r['cepo_update_speedup']:.2f}× (GRPO's {r['grpo_update_speedup']:.2f}×); a CEPO step "
+        f"takes {r['cepo_vs_grpo_step_true']:.2f}× a GRPO step with sharing "
+        f"({r['cepo_vs_grpo_cpu_true']:.2f}× in CPU time) and "
+        f"{r['cepo_vs_grpo_step_false']:.2f}× without ({r['cepo_vs_grpo_cpu_false']:.2f}×). "
+        f"Table and raw numbers: `{report._rel(results)}/`.")
+    text = re.sub(r"`[^`]*`", lambda c: c.group().replace(" ", "\0"), text)  # code spans whole
+    return textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False).replace(
+        "\0", " ") + "\n"
+
+
+def readme_block(readme: Path) -> str:
+    return report.read_readme_section(readme, README_BEGIN, README_END)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_phases --prompt-heavy",
                                 description=__doc__,
@@ -160,7 +194,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--readme", type=Path, default=None,
+                   help="rewrite this README's prefix-sharing paragraph from --out's JSON")
+    p.add_argument("--render-only", action="store_true",
+                   help="no run: render --out's JSON (to --readme, else stdout)")
     args, train_args = p.parse_known_args(argv)
+    if args.render_only:
+        text = render(args.out)
+        if args.readme is None:
+            sys.stdout.write(text)
+        else:
+            report.write_readme_section(args.readme, text, README_BEGIN, README_END,
+                                        demote=False)
+        return 0
     warmup = min(args.warmup, args.steps - 1)
     command = " ".join(["python -m bench.train_phases", *(sys.argv[1:] if argv is None else argv)])
     from cepo import train
@@ -196,6 +242,9 @@ def main(argv=None) -> int:
     (args.out / "train_phases_prefix.md").write_text(text)
     print(text)
     print(f"bench.train_phases --prompt-heavy: done in {result['wall_s']:.0f} s → {args.out}")
+    if args.readme is not None:
+        report.write_readme_section(args.readme, render(args.out), README_BEGIN, README_END,
+                                    demote=False)
     return 0
 
 
