@@ -50,7 +50,7 @@ RAW_KEYS = ("step", "reward/mean", "rollout/mixed_groups", "rollout/response_len
             "cepo/lambda")
 SETTINGS = ("model.name", "data.train", "prompts_per_step", "rollout.group_size",
             "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "seed", "num_threads",
-            "kernel_backend", "lora.enabled", "teacher.micro_batch_size",
+            "kernel_backend", "prefix_sharing", "lora.enabled", "teacher.micro_batch_size",
             "ppo.micro_batch_size", "ppo.mini_batches", "cepo.lambda_init",
             "cepo.lambda_warmup_steps")
 README_BEGIN = "<!-- train-phases:begin (python -m bench.train_phases --readme README.md) -->"
