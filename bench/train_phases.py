@@ -7,6 +7,8 @@ code pays about +10% wall-clock for CEPO over GRPO).
     python -m bench.train_phases --steps 10 --rollout.max_new_tokens 64   # + any cepo.train flag
     python -m bench.train_phases --readme README.md      # run, then rewrite the README paragraph
     python -m bench.train_phases --render-only --readme README.md   # paragraph from --out's JSON
+    python -m bench.train_phases --prompt-heavy          # prefix sharing on vs off (its module:
+                                                         # bench/train_phases_prefix.py)
 
 Every run is the offline tiny default of ``python -m cepo.train`` with the same seed (step 1's
 rollouts are identical across algorithms; later ones drift apart with the policies), a constant
@@ -48,7 +50,7 @@ RAW_KEYS = ("step", "reward/mean", "rollout/mixed_groups", "rollout/response_len
             "cepo/lambda")
 SETTINGS = ("model.name", "data.train", "prompts_per_step", "rollout.group_size",
             "rollout.max_new_tokens", "rollout.temperature", "optim.lr", "seed", "num_threads",
-            "kernel_backend", "lora.enabled", "teacher.micro_batch_size",
+            "kernel_backend", "prefix_sharing", "lora.enabled", "teacher.micro_batch_size",
             "ppo.micro_batch_size", "ppo.mini_batches", "cepo.lambda_init",
             "cepo.lambda_warmup_steps")
 README_BEGIN = "<!-- train-phases:begin (python -m bench.train_phases --readme README.md) -->"
@@ -297,6 +299,10 @@ def readme_block(readme: Path) -> str:
 
 
 def main(argv=None) -> int:
+    if "--prompt-heavy" in (sys.argv[1:] if argv is None else argv):
+        from bench import train_phases_prefix
+
+        return train_phases_prefix.main(argv)
     args, train_args = parse_args(argv)
     if args.render_only:
         if train_args:

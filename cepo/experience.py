@@ -40,6 +40,7 @@ class ExperienceConfig:
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step, all answers
     grader: str = "math_verify"  # or "mathruler" (the reference code's grader)
     kernel_backend: str = "auto"  # cepo_kernels backend: "auto" | "triton" | "torch"
+    prefix_sharing: str = "auto"  # each prompt encoded once per group: "auto" | "true" | "false"
     uniform_zero: bool = True  # all-equal groups get A = 0 exactly (False: the reference's A)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -49,6 +50,9 @@ class ExperienceConfig:
             raise ValueError(f"algo must be 'cepo', 'rlsd' or 'grpo', got {self.algo!r}")
         check_eps_w(self.eps_w, "eps_w")
         check_grader(self.grader)
+        if str(self.prefix_sharing).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"prefix_sharing must be 'auto', 'true' or 'false', "
+                             f"got {self.prefix_sharing!r}")
 
 
 @dataclass
@@ -150,6 +154,7 @@ def make_experience(
             algo=config.algo,
             temperature=temperature,
             backend=config.kernel_backend,
+            prefix_sharing=config.prefix_sharing,
         )
     else:
         scores = score_student(
@@ -159,6 +164,7 @@ def make_experience(
             micro_batch_size=config.teacher.micro_batch_size,
             temperature=temperature,
             backend=config.kernel_backend,
+            prefix_sharing=config.prefix_sharing,
         )
     timings["time/score"] = time.perf_counter() - clock
 

@@ -21,6 +21,7 @@ from cepo.batch import IGNORE_INDEX, Prefix, collate, response_labels, response_
 from cepo.config import TeacherConfig
 from cepo.contexts import TeacherContexts
 from cepo.models import OutputHead, output_head, response_hidden
+from cepo.prefix import context_after, grouped_response_hidden, use_prefix_sharing
 from cepo.rollout import Rollouts
 from cepo_kernels import contrastive_evidence, fused_linear_logprobs
 
@@ -87,6 +88,7 @@ def score_rollouts(
     algo: Literal["cepo", "rlsd"] = "cepo",
     temperature: float = 1.0,
     backend: str = "auto",
+    prefix_sharing: str = "auto",
 ) -> Scores:
     """Old log-probs, Δ, w and Â for every response token, one kernel call per micro-batch.
 
@@ -94,7 +96,8 @@ def score_rollouts(
     the student (docs/METHOD.md, "Advantages"), so only the r+ teacher runs. Rows with A = 0 get
     Â = 0 whatever the teachers say, so their teacher forwards are skipped and their teacher
     log-probs are reported equal to the student's. A group without a usable r- takes
-    `neg_stand_in`.
+    `neg_stand_in`. `prefix_sharing` (auto, true, false): each prompt encoded once for all its
+    rows and streams (`cepo.prefix`), the same log-probs up to float rounding.
     """
     if algo not in ("cepo", "rlsd"):
         raise ValueError(f"algo must be 'cepo' or 'rlsd', got {algo!r}")
@@ -109,13 +112,16 @@ def score_rollouts(
     backend_used = backend
     was_training = model.training
     model.eval()
+    shared = _Shared(rollouts, config) if use_prefix_sharing(prefix_sharing, model) else None
     try:
         for start in range(0, n, config.micro_batch_size):
             rows = list(range(start, min(n, start + config.micro_batch_size)))
             t = response_width(rollouts.response_mask, rows)  # drop shared padding
             policy_h, pos_h, neg_h = _micro_batch_hidden(
-                model, rollouts, contexts, config, rows, t, scored, algo, device
+                model, rollouts, contexts, config, rows, t, scored, algo, device, shared
             )
+            if shared is not None:
+                shared.done_before(rows[-1] + 1)
             labels = response_labels(rollouts.response_ids, rollouts.response_mask, rows,
                                      t).to(device)  # [b, t]
             ev = evidence(policy_h, pos_h, neg_h, head, labels, advantages[rows], lam=lam,
@@ -131,7 +137,42 @@ def score_rollouts(
     return Scores(**out, teacher_scored=scored, backend=backend_used)
 
 
-def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo, device):
+class _Shared:
+    """The prompt encodings of one scoring pass (`cepo.prefix`): the student prompt of every
+    group, and the teachers' (the same one, or the image-blind rendering, or the same one under
+    the base weights), each encoded once and dropped once the rows past its group are scored."""
+
+    def __init__(self, rollouts: Rollouts, config: TeacherConfig | None):
+        self.group_size = rollouts.group_size
+        self.prompts = [p.prefix() for p in rollouts.prompts]
+        self.student: dict = {}
+        self.teacher: dict = {}
+        if config is not None:
+            images = bool(config.teacher_images)
+            self.teacher_prompts = self.prompts if images else [
+                p.prefix(with_images=False) for p in rollouts.prompts]
+            if images and config.teacher_model == "actor":
+                self.teacher = self.student  # same prompt, same weights: one encoding
+
+    def done_before(self, row: int) -> None:
+        """Forget the encodings of groups whose rows all lie before `row`."""
+        for memo in (self.student, self.teacher):
+            for g in [g for g in memo if (g + 1) * self.group_size <= row]:
+                del memo[g]
+
+    def hidden(self, model, rows, ids, mask, *, teacher=None) -> torch.Tensor:
+        """[b, t, D] of `rows` (the student's, or the teacher prefixes `teacher` [b])."""
+        group = [r // self.group_size for r in rows]
+        if teacher is None:
+            return grouped_response_hidden(model, self.prompts, group, ids, mask,
+                                           encoded=self.student)
+        hints = [context_after(self.teacher_prompts[g], p) for g, p in zip(group, teacher)]
+        return grouped_response_hidden(model, self.teacher_prompts, group, ids, mask,
+                                       contexts=hints, encoded=self.teacher)
+
+
+def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo, device,
+                        shared: _Shared | None = None):
     """Hidden states [b, t, D] of the student, the r+ teacher and the r- teacher(s) for `rows`.
 
     The r- tensor is [K, b, t, D] when K > 1. Rows that need no teacher reuse the student's.
@@ -140,10 +181,16 @@ def _micro_batch_hidden(model, rollouts, contexts, config, rows, t, scored, algo
     resp_mask = rollouts.response_mask[rows, :t]
 
     def forward(prefixes: list[Prefix], sub: list[int]) -> torch.Tensor:
+        if shared is not None:
+            return shared.hidden(model, [rows[i] for i in sub], resp_ids[sub], resp_mask[sub],
+                                 teacher=prefixes)
         inputs = collate(prefixes, rollouts.pad_token_id, resp_ids[sub], resp_mask[sub])
         return response_hidden(model, inputs.to(device), t)
 
-    policy_h = response_hidden(model, rollouts.student_inputs(rows, width=t).to(device), t)
+    if shared is not None:
+        policy_h = shared.hidden(model, rows, resp_ids, resp_mask)
+    else:
+        policy_h = response_hidden(model, rollouts.student_inputs(rows, width=t).to(device), t)
     pos_h = policy_h.clone()
     neg_parts: list[tuple[list[int], torch.Tensor]] = []  # per r- set: rows, hidden states
     active = [i for i, r in enumerate(rows) if scored[r]]
@@ -185,6 +232,7 @@ def score_student(
     micro_batch_size: int = 8,
     temperature: float = 1.0,
     backend: str = "auto",
+    prefix_sharing: str = "auto",
 ) -> Scores:
     """GRPO scoring (λ = 0 or no teachers): old log-probs only, Â = A on every response token."""
     weight, bias = output_head(model)
@@ -195,12 +243,18 @@ def score_student(
     backend_used = backend
     was_training = model.training
     model.eval()
+    shared = _Shared(rollouts, None) if use_prefix_sharing(prefix_sharing, model) else None
     try:
         for start in range(0, n, micro_batch_size):
             rows = list(range(start, min(n, start + micro_batch_size)))
             t = response_width(rollouts.response_mask, rows)
-            inputs = rollouts.student_inputs(rows, width=t)
-            hidden = response_hidden(model, inputs.to(device), t)  # [b, t, D]
+            if shared is not None:
+                hidden = shared.hidden(model, rows, rollouts.response_ids[rows, :t],
+                                       rollouts.response_mask[rows, :t])
+                shared.done_before(rows[-1] + 1)
+            else:
+                inputs = rollouts.student_inputs(rows, width=t)
+                hidden = response_hidden(model, inputs.to(device), t)  # [b, t, D]
             labels = response_labels(rollouts.response_ids, mask, rows, t).to(device)
             lp = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                        backend=backend, validate=start == 0)

@@ -363,6 +363,7 @@ def setup(cfg: TrainConfig) -> Run:
                                   grader_timeout_s=cfg.grader_timeout_s, grader=cfg.grader,
                                   grader_batch_budget_s=cfg.grader_batch_budget_s,
                                   kernel_backend=cfg.kernel_backend, rollout=cfg.rollout,
+                                  prefix_sharing=cfg.prefix_sharing,
                                   uniform_zero=cfg.advantage.uniform_zero,
                                   teacher=cfg.teacher)
     guard = NonFiniteGuard(cfg.optim.max_nonfinite_steps)
@@ -375,7 +376,13 @@ def setup(cfg: TrainConfig) -> Run:
 def wrap_for_training(cfg: TrainConfig, model, accelerator):
     """The loss module around `model`, wrapped for DDP or sharded with FSDP, and its AdamW."""
     temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
-    policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend)
+    share = cfg.prefix_sharing
+    if cfg.sharding == "fsdp" and share == "auto":  # one process checked only: opt in with true
+        share = "false"
+        logger.info("prefix sharing (update): off (auto, sharding=fsdp: shared prefixes are "
+                    "checked in one process only; --prefix_sharing true turns them on)")
+    policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend,
+                        prefix_sharing=share)
     if cfg.sharding == "fsdp":  # FSDP2 by hand (cepo.sharding); the optimizer takes the shards
         policy = sharding.shard(policy, model, MIXED.get(cfg.mixed_precision))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,

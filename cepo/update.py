@@ -14,6 +14,11 @@ mini-batch's global token count (all-reduced before the first micro-batch), time
 processes because DDP averages gradients over them. The same holds for the other aggregations with
 sequence counts. Micro-batch sizes and the split across processes then change nothing but rounding.
 
+With prefix sharing (`cepo.prefix`), each mini-batch's rows are ordered by prompt before it is cut
+into micro-batches, so a micro-batch holds whole groups where it can; each prompt in a micro-batch
+is encoded once with gradients and its keys/values serve all its rows (a group split across
+micro-batches is encoded once per part). The mini-batch, its counts and its loss are unchanged.
+
 The loss is computed inside `PolicyLoss.forward`, so DDP and FSDP (`cepo.sharding`, which gathers
 the lm_head weight in the root's forward) wrap one module whose forward is the whole loss.
 """
@@ -31,6 +36,7 @@ from cepo.batch import IGNORE_INDEX, ModelInputs, response_labels, response_widt
 from cepo.config import PPOConfig
 from cepo.experience import Experience
 from cepo.models import output_head, response_hidden
+from cepo.prefix import grouped_response_hidden, use_prefix_sharing
 from cepo_kernels import CEPOLoss
 from cepo_kernels.loss import PPOLossOutput
 
@@ -69,12 +75,17 @@ class NonFiniteGuard:
 
 
 class PolicyLoss(torch.nn.Module):
-    """The actor plus the CEPO loss: ``forward(inputs, labels, old, adv, mask)`` -> loss."""
+    """The actor plus the CEPO loss: ``forward(inputs, labels, old, adv, mask)`` -> loss.
+
+    `prefix_sharing` (auto, true, false) decides, once, whether `ppo_update` passes
+    ``shared=(prompts, group, response_ids, response_mask)`` instead of whole rows
+    (`share_prefix`)."""
 
     def __init__(self, model: torch.nn.Module, ppo: PPOConfig, *, temperature: float = 1.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", prefix_sharing: str = "auto"):
         super().__init__()
         self.model = model
+        self.share_prefix = use_prefix_sharing(prefix_sharing, model, grad=True)
         self.loss = CEPOLoss(
             clip_low=ppo.clip_low,
             clip_high=ppo.clip_high,
@@ -94,10 +105,14 @@ class PolicyLoss(torch.nn.Module):
         advantages: torch.Tensor | None = None,  # [b, t] Â
         mask: torch.Tensor | None = None,  # [b, t] bool
         normalizer: float | None = None,
+        shared: tuple | None = None,  # (prompts, group [b], response_ids, response_mask [b, t])
     ) -> PPOLossOutput | None:
-        if inputs is None:  # a no-op call: lets FSDP find its root (cepo.sharding.shard)
+        if inputs is None and shared is None:  # a no-op call: lets FSDP find its root
             return None
-        hidden = response_hidden(self.model, inputs, labels.shape[1])  # [b, t, D]
+        if shared is not None:  # each prompt encoded once, its keys/values shared by its rows
+            hidden = grouped_response_hidden(self.model, *shared)  # [b, t, D]
+        else:
+            hidden = response_hidden(self.model, inputs, labels.shape[1])  # [b, t, D]
         weight, bias = output_head(self.model)
         return self.loss(hidden, weight, labels, old_logprobs, advantages, mask, bias,
                          normalizer=normalizer)
@@ -134,10 +149,15 @@ def ppo_update(
     extremes: dict[str, list[float]] = defaultdict(list)
     grad_norms, losses, tokens_seen = [], [], 0.0
     n_mini = min(ppo.mini_batches, n)
+    share = getattr(policy, "module", policy).share_prefix  # DDP keeps the loss in .module
+    group_size = rollouts.group_size
+    prompts = [p.prefix() for p in rollouts.prompts] if share else []
     for _ in range(ppo.epochs):
         order = torch.randperm(n, generator=generator) if ppo.shuffle else torch.arange(n)
         for mini in order.tensor_split(n_mini):
             rows = mini.tolist()
+            if share:  # a prompt's rows side by side: micro-batches then hold whole groups
+                rows.sort(key=lambda r: r // group_size)  # stable: shuffled order within
             # global counts of this mini-batch: valid tokens and non-empty sequences
             local = torch.tensor(
                 [float(mask_all[rows].sum()), float((mask_all[rows].sum(1) > 0).sum()),
@@ -158,14 +178,21 @@ def ppo_update(
                 scale = _scale(ppo.aggregation, mask, total, world) if real else 0.0
                 sync = i == n_micro - 1
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(policy)
+                if share:
+                    inputs = None
+                    shared = (prompts, [r // group_size for r in sub],
+                              rollouts.response_ids[sub, :t].to(device), mask)
+                else:
+                    inputs, shared = rollouts.student_inputs(sub, width=t).to(device), None
                 with ctx:
                     out = policy(
-                        rollouts.student_inputs(sub, width=t).to(device),
+                        inputs,
                         labels_all[sub, :t].to(device),
                         experience.old_logprobs[sub, :t].to(device),
                         experience.token_advantages[sub, :t].to(device),
                         mask,
                         normalizer=_normalizer(ppo.aggregation, total, world, rollouts),
+                        shared=shared,
                     )
                     accelerator.backward(out.loss * scale)
                 if real:

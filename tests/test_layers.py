@@ -25,7 +25,7 @@ PACKAGES = ("cepo", "cepo_kernels")
 # integrations or the native trainer (the core meets the offline kit only through the name
 # registry, `cepo.registry`, which the offline kit fills from above).
 CORE = ("cepo.batch", "cepo.contexts", "cepo.data", "cepo.diagnostics", "cepo.experience",
-        "cepo.grading", "cepo.group_advantages", "cepo.models", "cepo.negatives",
+        "cepo.grading", "cepo.group_advantages", "cepo.models", "cepo.negatives", "cepo.prefix",
         "cepo.registry", "cepo.reward", "cepo.rollout", "cepo.schedule", "cepo.scoring",
         "cepo.sources", "cepo.update")
 UPPER = ("cepo.offline", "cepo.integrations", "cepo.train")

@@ -23,6 +23,7 @@ from cepo.config.schema import (
     DEFAULT_EPS_W,
     DEFAULT_LAM_OFFSET,
     DEFAULT_LR,
+    EXECUTION_ONLY,
     MAX_GRADER_S,
     MAX_SEED,
     MIN_TEMPERATURE,
@@ -51,8 +52,8 @@ from cepo.config.schema import (
 from cepo.errors import ConfigError
 
 __all__ = [
-    "ALGOS", "DEFAULT_EPS_W", "DEFAULT_LAM_OFFSET", "DEFAULT_LR", "MAX_GRADER_S", "MAX_SEED",
-    "MIN_TEMPERATURE", "NEG_CHOICES", "PRESETS", "REFERENCE_THRESHOLD", "RENAMED",
+    "ALGOS", "DEFAULT_EPS_W", "DEFAULT_LAM_OFFSET", "DEFAULT_LR", "EXECUTION_ONLY", "MAX_GRADER_S",
+    "MAX_SEED", "MIN_TEMPERATURE", "NEG_CHOICES", "PRESETS", "REFERENCE_THRESHOLD", "RENAMED",
     "AdapterConfig", "AdvantageConfig", "CheckpointConfig", "ConfigError", "ContrastConfig",
     "DataConfig", "LogConfig", "ModelConfig", "NegChoice", "OptimConfig", "PPOConfig",
     "RolloutConfig", "TeacherConfig", "TrainConfig", "ValConfig", "apply_overrides",

@@ -123,7 +123,8 @@ _TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), 
 
 def _prepare(value: Any, tp: Any) -> Any:
     """A CLI string or YAML value in the form the parser takes for type `tp`: comma-separated text
-    for tuples, "none" for None, yes/no/1/0 for booleans, numbers as text for str options."""
+    for tuples, "none" for None, yes/no/1/0 for booleans, numbers as text for str options, and
+    YAML booleans as "true"/"false" for a choice that has those words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if isinstance(value, str) and value.strip().lower() in _NONE and type(None) in args:
@@ -132,6 +133,8 @@ def _prepare(value: Any, tp: Any) -> Any:
         return _prepare(value, inner[0]) if len(inner) == 1 and value is not None else value
     if origin is tuple and isinstance(value, str):
         return [v.strip() for v in value.split(",")]
+    if origin is Literal and isinstance(value, bool) and {"true", "false"} <= set(args):
+        return "true" if value else "false"  # YAML's unquoted true/false for a "true" choice
     if tp is bool and isinstance(value, str):
         text = value.strip().lower()
         return True if text in _TRUE else False if text in _FALSE else value

@@ -203,6 +203,9 @@ RENAMED = {
     "cepo.lam_offset": "cepo.lambda_offset",
 }
 
+# Options that change how a run computes, not what: a run saved before one existed is the same run.
+EXECUTION_ONLY = ("prefix_sharing",)
+
 
 @dataclass(frozen=True)
 class AdvantageConfig:
@@ -314,6 +317,8 @@ class TrainConfig:
     sharding: Literal["none", "fsdp"] = "none"  # fsdp: shard weights/grads/AdamW (cepo.sharding)
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
+    # each prompt encoded once per group in scoring and update (cepo.prefix); same math
+    prefix_sharing: Literal["auto", "true", "false"] = "auto"  # prompt once; auto: where able
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step; then 0s
     # math_verify; mathruler: the reference code's grader (pip install 'cepo[mathruler]')

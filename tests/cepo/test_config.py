@@ -349,3 +349,15 @@ def test_missing_config_file_and_bad_output_dir_are_config_errors(tmp_path):
         assert message.startswith(f"config error: output_dir={bad!r} is not allowed: only "
                                   "{preset} and {algo}") and why in message, message
     assert build_config(["--output_dir", "runs/{{x}}-{algo}"]).output_dir == "runs/{x}-cepo"
+
+
+@pytest.mark.parametrize(("text", "want"), [("true", "true"), ("false", "false"),
+                                            ("'true'", "true"), ("auto", "auto")])
+def test_prefix_sharing_takes_yaml_booleans(tmp_path, text, want):
+    """Unquoted YAML true/false parse as booleans; the switch takes them as its words."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"prefix_sharing: {text}\n")
+    assert build_config(["--config", str(path)]).prefix_sharing == want
+    assert build_config(["--prefix_sharing", want]).prefix_sharing == want
+    with pytest.raises(C.ConfigError, match="prefix_sharing"):
+        build_config(["--prefix_sharing", "maybe"])

@@ -74,7 +74,10 @@ def two_process_runs(tmp_path_factory, warm_dir, tied_dir):
         if (sharding, setup) not in done:
             out = tmp_path_factory.mktemp(f"{sharding}-{setup}")
             model = tied_dir if setup.startswith("full") else warm_dir
-            text = torchrun(model, out, sharding=sharding, **SETUPS[setup])
+            # prefix sharing on in both layouts (auto leaves it off under fsdp): the shared
+            # update must give FSDP across processes the same step as DDP
+            text = torchrun(model, out, sharding=sharding, prefix_sharing="true",
+                            **SETUPS[setup])
             assert "x2:" in text  # "cepo on cpu:0 x2: ..."
             done[sharding, setup] = out
         return done[sharding, setup]
@@ -92,7 +95,8 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
                 # log-ratio extremes move by up to ~2e-5 relative or a few 1e-7; the wrong-way
                 # shares count signs of Δ, which is near 0 on tokens both teachers are sure of
                 # (|Δ| < 1e-3 on 2/3 of the offline run's): a few of ~80 may flip sign
-                tol = 0.05 if key.startswith("cepo/frac_wrong_dir") else 1e-6
+                # (measured with prefix sharing: 5 of 75 at step 2, weights within 1.2e-7)
+                tol = 0.1 if key.startswith("cepo/frac_wrong_dir") else 1e-6
                 assert rb[key] == pytest.approx(value, rel=1e-4, abs=tol), (ra["step"], key)
 
 

@@ -300,3 +300,30 @@ def test_two_step_cepo_run_pins_values(runs):
     assert set(got) == set(PINNED_CEPO), sorted(set(got) ^ set(PINNED_CEPO))
     for key, want in PINNED_CEPO.items():
         assert got[key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+
+
+def test_prefix_sharing_on_and_off_train_alike(runs, warm_dir, tmp_path, caplog, monkeypatch):
+    """The pinned run above shares each prompt's encoding (``prefix_sharing`` auto: on for the
+    tiny model); the same run encoding every row whole gives the same metrics, step by step."""
+    import logging
+
+    import cepo.prefix as prefix_module
+    from cepo.models import load_model
+
+    assert prefix_module.supports_prefix_sharing(load_model(warm_dir, device="cpu"), grad=True)
+    monkeypatch.setattr(prefix_module, "_LOGGED", set())  # log the lines of this run again
+    out = tmp_path / "unshared"
+    with caplog.at_level(logging.INFO, logger="cepo.prefix"):
+        train_module.main(train_args(warm_dir, str(out), prefix_sharing="false"))
+    assert "prefix sharing (scoring): off (prefix_sharing=false)" in caplog.messages
+    assert "prefix sharing (update): off (prefix_sharing=false)" in caplog.messages
+    on, off = read(runs("cepo") / "metrics.jsonl"), read(out / "metrics.jsonl")
+    assert [r["step"] for r in on] == [r["step"] for r in off]
+    for a, b in zip(on, off):
+        keys = {k for k in a if not k.startswith(VOLATILE)}
+        assert keys == {k for k in b if not k.startswith(VOLATILE)}
+        for key in sorted(keys):
+            # the sign of Δ ≈ ±1e-7 on tokens both teachers predict with p ≈ 1 (format tokens)
+            # is float rounding: a wrong-direction count may move by a token or two
+            tol = 0.05 if key.startswith("cepo/frac_wrong_dir") else 1e-6
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tol), (a["step"], key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -327,6 +328,16 @@ def test_wrong_answer_teacher_from_scripted_groups_with_peft(tmp_path, tiny_text
     base, _ = score(cepo_teacher_model="base")  # adapters off for the teachers only
     actor, _ = score()
     assert not torch.equal(base, actor)
+    # each prompt encoded once (the default, one process) vs every row whole: the same Â
+    import cepo.prefix as prefix_module
+
+    for kw in ({}, {"cepo_teacher_model": "base"}, {"cepo_num_neg": 2}):
+        with mock.patch.object(prefix_module, "encode_prefix",
+                               wraps=prefix_module.encode_prefix) as encode:
+            shared = score(**kw)[0]
+        assert 0 < encode.call_count < 3 * G  # per pass: one per prompt, not one per row
+        unshared = score(cepo_prefix_sharing="false", **kw)[0]
+        torch.testing.assert_close(shared, unshared, atol=2e-5, rtol=1e-4)
     # multi-process mode: every row and stream is run (same forwards on every rank), same Â
     trainer._cepo_uniform = lambda: True
     assert torch.allclose(score()[0], actor, atol=1e-6)
@@ -401,6 +412,13 @@ def test_qwen3_vl_with_images(tmp_path, tiny_vl_dir):
     trainer.args.cepo_teacher_images = False
     not_seeing = trainer._cepo_advantages(out, truths, verdicts, 2, 0.5)
     assert not torch.equal(seeing, not_seeing)
+    # each prompt encoded once (the default) vs every row whole: the same Â, blind and seeing
+    trainer.args.cepo_prefix_sharing = "false"
+    torch.testing.assert_close(trainer._cepo_advantages(out, truths, verdicts, 2, 0.5),
+                               not_seeing, atol=2e-5, rtol=1e-4)
+    trainer.args.cepo_teacher_images = True
+    torch.testing.assert_close(trainer._cepo_advantages(out, truths, verdicts, 2, 0.5), seeing,
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_groups_without_a_boxed_wrong_answer_are_warned_once(caplog):

@@ -87,6 +87,9 @@ class CEPOConfig(GRPOConfig):
         "help": "'actor' (current weights) or 'base' (PEFT adapters disabled)."})
     cepo_backend: str = field(default="auto", metadata={
         "help": "cepo_kernels backend: 'auto', 'triton' or 'torch'."})
+    cepo_prefix_sharing: str = field(default="auto", metadata={
+        "help": "Teacher scoring encodes each prompt once for all its rows (cepo.prefix): "
+                "'auto' (where the model allows, one process only), 'true' or 'false'."})
     cepo_grader_timeout_s: float = field(default=5.0, metadata={
         "help": "Time limit per graded answer (math-verify runs in a child process)."})
 
@@ -98,6 +101,8 @@ class CEPOConfig(GRPOConfig):
         _choice("cepo_neg_fallback", self.cepo_neg_fallback, NEG_FALLBACKS)
         _choice("cepo_teacher_model", self.cepo_teacher_model, TEACHER_MODELS)
         _choice("cepo_backend", self.cepo_backend, ("auto", "triton", "torch"))
+        _choice("cepo_prefix_sharing", str(self.cepo_prefix_sharing).lower(),
+                ("auto", "true", "false"))
         if not (0.0 <= self.cepo_lambda_init <= 1.0 and math.isfinite(self.cepo_lambda_init)):
             raise ValueError(f"cepo_lambda_init must be in [0, 1], got {self.cepo_lambda_init}")
         if int(self.cepo_lambda_warmup_steps) != self.cepo_lambda_warmup_steps or \

@@ -22,6 +22,7 @@ import torch
 
 from cepo.batch import ModelInputs, Prefix
 from cepo.models import response_slice
+from cepo.prefix import context_after, grouped_response_hidden
 
 # Vision inputs of non-Qwen VLMs, whose per-row layout the teacher rows cannot rebuild.
 OTHER_VISION_KEYS = ("pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
@@ -133,3 +134,37 @@ def backbone_hidden(backbone: torch.nn.Module, inputs: ModelInputs, response_len
             kwargs["pixel_values"] = inputs.pixel_values
             kwargs["image_grid_thw"] = inputs.image_grid_thw
     return response_slice(backbone(**kwargs).last_hidden_state, response_len)  # [b, L, D] -> T
+
+
+def shared_rows_hidden(model: torch.nn.Module, bases: Sequence[Prefix], rows: Sequence[Prefix],
+                       response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """[b, T, D] like `backbone_hidden` on ``rows[i] + response i``, each distinct prompt of
+    `bases` (rows[i] = bases[i] + a hint) encoded once (`cepo.prefix`). TRL's batch carries no
+    group index, so rows of one prompt are found by comparing tokens and pixels."""
+    prompts: list[Prefix] = []
+    group = []
+    for base in bases:
+        for g, known in enumerate(prompts):
+            if torch.equal(known.input_ids, base.input_ids) and _same_pixels(known, base):
+                group.append(g)
+                break
+        else:
+            prompts.append(base)
+            group.append(len(prompts) - 1)
+    hints = [context_after(prompts[g], row) for g, row in zip(group, rows)]
+    return grouped_response_hidden(model, prompts, group, response_ids, response_mask,
+                                   contexts=hints)
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of `mask` [b, T] is ones then zeros (what shared scoring needs)."""
+    mask = mask.bool()
+    lengths = mask.sum(1, keepdim=True)
+    return bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths)).all())
+
+
+def _same_pixels(a: Prefix, b: Prefix) -> bool:
+    if a.pixel_values is None or b.pixel_values is None:
+        return a.pixel_values is None and b.pixel_values is None
+    return a.pixel_values.shape == b.pixel_values.shape and torch.equal(a.pixel_values,
+                                                                         b.pixel_values)

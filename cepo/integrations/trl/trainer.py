@@ -50,11 +50,19 @@ from cepo.diagnostics import diagnostic_sums, diagnostics_from_sums
 from cepo.grading import Grader, extract_boxed
 from cepo.models import OutputHead, load_processor, output_head, torchvision_available
 from cepo.negatives import select_wrong_answers
+from cepo.prefix import use_prefix_sharing
 from cepo.schedule import lam_at
 from cepo.scoring import evidence, neg_stand_in, stand_in_is_student
 
+from . import teachers as shared_teachers
 from .config import CEPOConfig, generation_index
-from .teachers import answer_text, backbone_hidden, check_vision_keys, completion_text, row_prefixes
+from .teachers import (
+    answer_text,
+    backbone_hidden,
+    check_vision_keys,
+    completion_text,
+    row_prefixes,
+)
 
 __all__ = ["CEPOBatch", "CEPOConfig", "CEPOGRPOTrainer"]
 
@@ -308,11 +316,18 @@ class CEPOGRPOTrainer(GRPOTrainer):
             return base if answer is None else base.extend(
                 hint_ids(tokenizer, args.cepo_hint_template, answer))
 
+        share = (not self._cepo_uniform() and shared_teachers.right_padded(resp_mask)  # 1 process
+                 and use_prefix_sharing(args.cepo_prefix_sharing, model))
+
         def hidden(prefixes, sub, teacher_pass):
-            batch = collate(prefixes, pad, resp_ids[sub], resp_mask[sub]).to(device)
             ctx = model.disable_adapter() if teacher_pass and args.cepo_teacher_model == "base" \
                 else contextlib.nullcontext()
             with ctx, self.accelerator.autocast():
+                if share:
+                    bases = [(teacher if teacher_pass else student)[rows[j]] for j in sub]
+                    return shared_teachers.shared_rows_hidden(model, bases, prefixes,
+                                                              resp_ids[sub], resp_mask[sub])
+                batch = collate(prefixes, pad, resp_ids[sub], resp_mask[sub]).to(device)
                 return backbone_hidden(backbone, batch, t, is_vlm=self._is_vlm)
 
         everyone = list(range(len(rows)))
