@@ -13,10 +13,10 @@ with ``--prefix_sharing true`` and ``false``, interleaved (reversed every other 
 λ, no validation. The warmed-up tiny model answers the enlarged images with noise (every reward
 0, so no group would be mixed and no teacher would run), so the teachers are made to run on every
 row, the most they ever cost: advantages ±1 alternating within each group instead of GRPO's,
-and r− = "0" for a group without a wrong answer. Reported per variant: score- and update-phase seconds and tokens/s (generated
-tokens per score second, update tokens per update second), the score and update speed-ups of
-sharing, and the CEPO-step / GRPO-step ratio with and without it. Writes
-``train_phases_prefix.json`` and ``.md`` to ``--out``.
+and r− = "0" for a group without a wrong answer. Reported per variant: score- and update-phase
+seconds and tokens/s (generated tokens per score second, update tokens per update second), the
+score and update speed-ups of sharing, and the CEPO-step / GRPO-step ratio with and without it.
+Writes ``train_phases_prefix.json`` and ``.md`` to ``--out``.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ __all__ = [
     "AdapterConfig", "AdvantageConfig", "CheckpointConfig", "ConfigError", "ContrastConfig",
     "DataConfig", "LogConfig", "ModelConfig", "NegChoice", "OptimConfig", "PPOConfig",
     "RolloutConfig", "TeacherConfig", "TrainConfig", "ValConfig", "apply_overrides",
-    "build_config", "check_eps_w", "check_machine", "exit_if_help", "field_docs", "finalize", "flatten",
+    "build_config", "check_eps_w", "check_machine", "exit_if_help", "field_docs", "finalize",
+    "flatten",
     "from_yaml", "help_text", "load_yaml", "offline", "option_types", "paper", "parse_args",
     "reference", "resolve_key", "save_yaml", "to_dict", "unflatten",
 ]

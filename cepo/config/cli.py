@@ -118,7 +118,8 @@ def _allowed(tp: Any) -> str:
             str: "text"}.get(tp, _type_name(tp))
 
 
-_TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null", "~")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_NONE = ("none", "null", "~")
 
 
 def _prepare(value: Any, tp: Any) -> Any:

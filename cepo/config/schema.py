@@ -318,7 +318,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads per process; 0: cores / processes
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # cepo_kernels backend
     # each prompt encoded once per group in scoring and update (cepo.prefix); same math
-    prefix_sharing: Literal["auto", "true", "false"] = "auto"  # prompt once; auto: where able
+    prefix_sharing: Literal["auto", "true", "false"] = "auto"  # prompt encoded once per group
     grader_timeout_s: float = 5.0  # hard limit per graded answer
     grader_batch_budget_s: float = DEFAULT_BATCH_BUDGET_S  # grading time per step; then 0s
     # math_verify; mathruler: the reference code's grader (pip install 'cepo[mathruler]')

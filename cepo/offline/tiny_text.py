@@ -4,7 +4,8 @@ Why: the text-only path (a causal LM, no image, a chat template without vision t
 offline end to end, and vLLM's CPU attention, which the rollout engine is tested with, accepts
 head_dim 64 but not the tiny Qwen3-VL's 16. So: the real Qwen3 architecture with 2 layers,
 hidden size 128, head_dim 64, and the tiny Qwen3-VL's vocabulary, special tokens and chat
-template (`cepo.offline.tiny.tiny_tokenizer`), so that the same synthetic prompts tokenise the same way.
+template (`cepo.offline.tiny.tiny_tokenizer`), so that the same synthetic prompts tokenise the
+same way.
 ``"tiny-text"`` as a model name is the warmed-up version (`cepo.offline.warmup`, kind ``"text"``).
 """
 

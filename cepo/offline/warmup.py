@@ -19,9 +19,9 @@ On the default chain sums (``What is 3 + 5 + 2?``) it teaches two ways to answer
 Other synthetic kinds (`cepo.offline.synthetic.VISUAL_KINDS`) get
 ``"The answer is \\boxed{X}."`` targets.
 
-The recipe is model-agnostic: `kind` ``"text"`` warms the tiny text-only Qwen3 (`cepo.offline.tiny_text`)
-on the same chain sums without images (``"tiny-text"`` as a model name), cached next to it as
-tiny-qwen3-text-mini-warm-v<N>.
+The recipe is model-agnostic: `kind` ``"text"`` warms the tiny text-only Qwen3
+(`cepo.offline.tiny_text`) on the same chain sums without images (``"tiny-text"`` as a model
+name), cached next to it as tiny-qwen3-text-mini-warm-v<N>.
 
 The result is a full checkpoint (model + processor), built deterministically for a seed and cached
 like `cepo.offline.tiny`: ``$CEPO_CACHE_DIR`` (default ``~/.cache/cepo``)

