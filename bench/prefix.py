@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cepo.batch import Prefix, collate
-from cepo.models import output_head, response_hidden, unwrap_model
+from cepo.models import output_head, response_hidden
 from cepo.prefix import encode_prefix, resolve_prefix_sharing, shared_response_hidden
 from cepo_kernels import fused_linear_logprobs
 
@@ -107,14 +107,7 @@ def make_rollouts(args, prompts, bound):
 
 def _unshared_hidden(model, prefixes, ids, mask):
     inputs = collate(prefixes, 0, ids, mask).to(output_head(model).weight.device)
-    width = ids.shape[1]
-    if hasattr(unwrap_model(model).model, "get_rope_index"):
-        return response_hidden(model, inputs, width)
-    pos = (inputs.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    hidden = unwrap_model(model).model(input_ids=inputs.input_ids,
-                                       attention_mask=inputs.attention_mask,
-                                       position_ids=pos).last_hidden_state
-    return hidden[:, inputs.input_ids.shape[1] - width - 1: -1]
+    return response_hidden(model, inputs, ids.shape[1])
 
 
 def _logprobs(model, hidden, ids, mask):

@@ -418,6 +418,16 @@ README_BEGIN = "<!-- bench:begin (python -m bench.report ... --readme) -->"
 README_END = "<!-- bench:end -->"
 
 
+def save_run(out: Path, stem: str, result: dict, table: str, prog: str) -> None:
+    """Write a bench run's raw result (``<stem>.json``) and its table (``<stem>.md``) to `out`,
+    and print the table: what every ``--readme`` block is later rendered from."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"{prog}: done in {result['wall_s']:.0f} s → {out}")
+
+
 def write_readme_section(readme: Path, text: str, begin: str = README_BEGIN,
                          end: str = README_END, demote: bool = True) -> None:
     """Replace the README's generated section (between the markers) with ``text``, its headings

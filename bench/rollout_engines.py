@@ -234,12 +234,7 @@ def main(argv=None) -> int:
                                    "train_args": [*DEFAULTS, *train_args]},
                                   load_before),
               "summary": summarize(runs, warmup), "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rollout_engines.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / "rollout_engines.md").write_text(text)
-    print(text)
-    print(f"bench.rollout_engines: done in {result['wall_s']:.0f} s -> {args.out}")
+    report.save_run(args.out, "rollout_engines", result, markdown(result), "bench.rollout_engines")
     if args.readme is not None:
         write_readme(args.readme, render(args.out))
     return 0

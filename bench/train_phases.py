@@ -333,12 +333,7 @@ def main(argv=None) -> int:
               "meta": machine_info({k: saved.get(k) for k in SETTINGS},
                                                       load_before),
               "summary": summarize(runs, warmup), "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_phases.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / "train_phases.md").write_text(text)
-    print(text)
-    print(f"bench.train_phases: done in {result['wall_s']:.0f} s → {args.out}")
+    report.save_run(args.out, "train_phases", result, markdown(result), "bench.train_phases")
     if args.readme is not None:
         write_readme(args.readme, render(args.out))
     return 0

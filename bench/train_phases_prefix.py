@@ -236,12 +236,8 @@ def main(argv=None) -> int:
               "warmup": warmup, "wall_s": time.time() - t0, "prompt": dict(PROMPT),
               "meta": machine_info(settings, load_before),
               "summary": summarize(runs, warmup), "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_phases_prefix.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = markdown(result)
-    (args.out / "train_phases_prefix.md").write_text(text)
-    print(text)
-    print(f"bench.train_phases --prompt-heavy: done in {result['wall_s']:.0f} s → {args.out}")
+    report.save_run(args.out, "train_phases_prefix", result, markdown(result),
+                    "bench.train_phases --prompt-heavy")
     if args.readme is not None:
         report.write_readme_section(args.readme, render(args.out), README_BEGIN, README_END,
                                     demote=False)

@@ -79,16 +79,7 @@ def make_responses(gen, groups, g, bound):
 
 def unshared_hidden(model, prefixes, ids, mask):
     """Today's path: one left-padded batch of [context | response], hidden states of the last T."""
-    inputs = collate(prefixes, PAD, ids, mask)
-    width = ids.shape[1]
-    if hasattr(unwrap_model(model).model, "get_rope_index"):
-        return response_hidden(model, inputs, width)
-    pos = (inputs.attention_mask.cumsum(-1) - 1).clamp_min(0)
-    hidden = unwrap_model(model).model(input_ids=inputs.input_ids,
-                                       attention_mask=inputs.attention_mask,
-                                       position_ids=pos).last_hidden_state
-    length = inputs.input_ids.shape[1]
-    return hidden[:, length - width - 1: length - 1]
+    return response_hidden(model, collate(prefixes, PAD, ids, mask), ids.shape[1])
 
 
 def logprobs(model, hidden, ids, mask):
