@@ -419,8 +419,7 @@ README_END = "<!-- bench:end -->"
 
 
 def save_run(out: Path, stem: str, result: dict, table: str, prog: str) -> None:
-    """Write a bench run's raw result (``<stem>.json``) and its table (``<stem>.md``) to `out`,
-    and print the table: what every ``--readme`` block is later rendered from."""
+    """A bench run's raw result (``<stem>.json``, what README blocks render) and table, saved."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(table)

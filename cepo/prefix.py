@@ -118,11 +118,12 @@ def supports_prefix_sharing(model: torch.nn.Module, *, grad: bool = False) -> bo
     return prefix_sharing_unsupported(model, grad=grad) is None
 
 
-def resolve_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool = False
-                           ) -> tuple[bool, str]:
+def resolve_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool = False,
+                           sharded: bool = False) -> tuple[bool, str]:
     """The ``--prefix_sharing`` switch: (use it?, one line saying which path and why).
 
-    ``auto`` shares where supported and falls back otherwise; ``true`` raises
+    ``auto`` shares where supported and falls back otherwise (and keeps an FSDP-`sharded` update
+    unshared: that path is checked in one process only); ``true`` raises
     `PrefixSharingUnsupported` where unsupported; ``false`` never shares.
     """
     setting = str(setting).lower()
@@ -131,6 +132,9 @@ def resolve_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool =
     phase = "update" if grad else "scoring"
     if setting == "false":
         return False, f"prefix sharing ({phase}): off (prefix_sharing=false)"
+    if setting == "auto" and grad and sharded:
+        return False, (f"prefix sharing ({phase}): off (auto, sharding=fsdp: shared prefixes are "
+                       "checked in one process only; --prefix_sharing true turns them on)")
     why = prefix_sharing_unsupported(model, grad=grad)
     if why is None:
         return True, f"prefix sharing ({phase}): on, each prompt encoded once per group"
@@ -139,9 +143,10 @@ def resolve_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool =
     return False, f"prefix sharing ({phase}): off, unshared fallback ({why})"
 
 
-def use_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool = False) -> bool:
+def use_prefix_sharing(setting: str, model: torch.nn.Module, *, grad: bool = False,
+                       sharded: bool = False) -> bool:
     """`resolve_prefix_sharing`, its one line logged the first time it is seen in this process."""
-    use, line = resolve_prefix_sharing(setting, model, grad=grad)
+    use, line = resolve_prefix_sharing(setting, model, grad=grad, sharded=sharded)
     if line not in _LOGGED:
         _LOGGED.add(line)
         logger.info(line)

@@ -376,13 +376,8 @@ def setup(cfg: TrainConfig) -> Run:
 def wrap_for_training(cfg: TrainConfig, model, accelerator):
     """The loss module around `model`, wrapped for DDP or sharded with FSDP, and its AdamW."""
     temperature = cfg.rollout.temperature or 1.0  # the update scores like the rollouts sampled
-    share = cfg.prefix_sharing
-    if cfg.sharding == "fsdp" and share == "auto":  # one process checked only: opt in with true
-        share = "false"
-        logger.info("prefix sharing (update): off (auto, sharding=fsdp: shared prefixes are "
-                    "checked in one process only; --prefix_sharing true turns them on)")
     policy = PolicyLoss(model, cfg.ppo, temperature=temperature, backend=cfg.kernel_backend,
-                        prefix_sharing=share)
+                        prefix_sharing=cfg.prefix_sharing, sharded=cfg.sharding == "fsdp")
     if cfg.sharding == "fsdp":  # FSDP2 by hand (cepo.sharding); the optimizer takes the shards
         policy = sharding.shard(policy, model, MIXED.get(cfg.mixed_precision))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.lr,

@@ -79,13 +79,13 @@ class PolicyLoss(torch.nn.Module):
 
     `prefix_sharing` (auto, true, false) decides, once, whether `ppo_update` passes
     ``shared=(prompts, group, response_ids, response_mask)`` instead of whole rows
-    (`share_prefix`)."""
+    (`share_prefix`); `sharded`: the loss will be sharded with FSDP."""
 
     def __init__(self, model: torch.nn.Module, ppo: PPOConfig, *, temperature: float = 1.0,
-                 backend: str = "auto", prefix_sharing: str = "auto"):
+                 backend: str = "auto", prefix_sharing: str = "auto", sharded: bool = False):
         super().__init__()
         self.model = model
-        self.share_prefix = use_prefix_sharing(prefix_sharing, model, grad=True)
+        self.share_prefix = use_prefix_sharing(prefix_sharing, model, grad=True, sharded=sharded)
         self.loss = CEPOLoss(
             clip_low=ppo.clip_low,
             clip_high=ppo.clip_high,

@@ -246,6 +246,12 @@ def test_switch_and_fallback():
     with pytest.raises(PrefixSharingUnsupported):
         encode_prefix(model, text_groups(torch.Generator().manual_seed(0))[0])
     assert resolve_prefix_sharing("true", checkpointing(text_model()).train(), grad=True)[0]
+    # an FSDP-sharded update: auto stays unshared (checked in one process only), true opts in
+    plain = text_model()
+    on, line = resolve_prefix_sharing("auto", plain, grad=True, sharded=True)
+    assert not on and "sharding=fsdp" in line
+    assert resolve_prefix_sharing("auto", plain, sharded=True)[0]  # scoring runs on full weights
+    assert resolve_prefix_sharing("true", plain, grad=True, sharded=True)[0]
 
 
 def test_gradient_checkpointing_keeps_the_shared_prefix(setup):
